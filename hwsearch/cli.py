@@ -1,0 +1,132 @@
+"""The `hwsearch` command line: a thin layer over the Python API.
+
+Every handler parses, builds a config, calls the API and writes outputs. Bad input
+prints one line ``hwsearch: error: ...`` and returns 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .units import parse_shape
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump, exit 2 via main()
+        raise UsageError(message)
+
+
+def _bits(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer within 1..32, got {text!r}") from None
+    if not 1 <= value <= 32:
+        raise argparse.ArgumentTypeError(f"bits must be within 1..32, got {value}")
+    return value
+
+
+def _shape(text: str):
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# ---------------------------------------------------------------- cost
+def _cmd_cost(args) -> int:
+    import pandas as pd
+
+    from .costs import cost_report, uniform_bits
+    from .profiling import profile_model
+
+    table, _ = profile_model(args.model, args.input_shape, num_classes=args.num_classes)
+    w, a = uniform_bits(table, args.w_bits, args.a_bits, first_last_bits=args.first_last_bits,
+                        input_bits=args.input_bits)
+    rows, totals = cost_report(table, w, a)
+    if args.format == "json":
+        json.dump({"model": args.model, "input_shape": list(table.input_shape), "layers": rows, "totals": totals},
+                  sys.stdout, indent=1)
+        print()
+    elif args.format == "csv":
+        pd.DataFrame(rows).to_csv(sys.stdout, index=False)
+    else:
+        df = pd.DataFrame(rows)
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(df[["name", "op", "macs", "params", "weight_bits", "act_bits", "bitops", "weight_bytes"]]
+                  .to_string(index=False))
+        print()
+        for k, v in totals.items():
+            print(f"{k:>18}: {v:,.6g}" if isinstance(v, float) else f"{k:>18}: {v:,}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models import list_models, models
+
+    for name in list_models(args.pattern):
+        desc = models.get(name).description if name in models else "torchvision"
+        print(f"{name:28s} {desc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hwsearch", description="Hardware-aware mixed-precision quantization search (SINAREQ).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("cost", help="per-layer MACs, BitOps, memory and accelerator cost of a model")
+    p.add_argument("--model", required=True, help="registered, torchvision, or package.module:factory")
+    p.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224 (default: the model's own size)")
+    p.add_argument("--num-classes", type=int, help="default 1000 at 224x224 inputs, else 10")
+    p.add_argument("--w-bits", type=_bits, default=32, help="uniform weight bits (default 32 = float)")
+    p.add_argument("--a-bits", type=_bits, default=32, help="uniform activation bits (default 32 = float)")
+    p.add_argument("--first-last-bits", type=int, default=8, choices=range(0, 33), metavar="{0..32}",
+                   help="first and last layers kept at these bits when the uniform bits are lower (0: off)")
+    p.add_argument("--input-bits", type=_bits, default=8, help="bits of the image input (default 8)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(handler=_cmd_cost)
+
+    p = sub.add_parser("models", help="list the models hwsearch can build")
+    p.add_argument("pattern", nargs="?", help="glob, e.g. 'resnet*'")
+    p.set_defaults(handler=_cmd_models)
+    _add_training_commands(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
+    """Commands of the training side (run, apply, search, pareto) are added by their modules."""
+    from . import cli_train
+
+    cli_train.add_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    from cost_models import UncountedOpsError
+
+    from .data import DatasetUnavailable
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.handler(args) or 0)
+    except UsageError as exc:
+        print(f"hwsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, UncountedOpsError, DatasetUnavailable, FileNotFoundError) as exc:
+        print(f"hwsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"hwsearch: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hwsearch: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,251 @@
+"""Dataset registry. Small datasets are decoded once and held as uint8 tensors on the
+training device; augmentation (random crop, flip) runs there with batched tensor ops,
+so a training step makes no host copies.
+
+Names: ``digits`` (scikit-learn's bundled 8x8 digits; offline), ``cifar10`` and ``svhn``
+(torchvision; downloaded where the network allows), ``imagefolder:PATH`` (``PATH/train/<class>/*``
+and ``PATH/test/<class>/*``; PATH may also be a ``.tar.gz`` of that layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cost_models import Registry
+
+__all__ = ["DatasetUnavailable", "TensorData", "cache_dir", "datasets", "load_dataset"]
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset is not on disk and cannot be downloaded here."""
+
+
+def cache_dir() -> Path:
+    """Where hwsearch caches data and FP32 checkpoints (``$HWSEARCH_CACHE`` or ``~/.cache/hwsearch``)."""
+    return Path(os.environ.get("HWSEARCH_CACHE", Path.home() / ".cache" / "hwsearch"))
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A whole image-classification dataset as tensors.
+
+    ``x_*`` are uint8 ``[N, C, H, W]``, ``y_*`` int64 ``[N]``. ``pad`` and ``flip`` set the
+    training augmentation (random crop with ``pad`` pixels of zero padding, horizontal flip).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pad: int = 4
+    flip: bool = True
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (1, *self.x_train.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device: torch.device | str) -> TensorData:
+        return replace(self, **{k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")})
+
+    def subset(self, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TensorData:
+        """A fixed random subset (same seed, same subset) for quick presets."""
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for split, limit in (("train", max_train), ("test", max_test)):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if limit is not None and limit < len(y):
+                idx = torch.randperm(len(y), generator=g)[:limit].to(y.device)
+                x, y = x[idx], y[idx]
+            out[f"x_{split}"], out[f"y_{split}"] = x, y
+        return replace(self, **out)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x.float() / 255.0 - mean) / std
+
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random crop (zero padding) and flip of a uint8 batch, on its device, in one gather."""
+        b, _, h, w = x.shape
+        if self.pad:
+            p = self.pad
+            xp = F.pad(x, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (b, 1), device=x.device, generator=generator)
+            dx = torch.randint(0, 2 * p + 1, (b, 1), device=x.device, generator=generator)
+            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+            x = xp[torch.arange(b, device=x.device)[:, None, None, None],
+                   torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+        if self.flip:
+            mask = torch.rand(b, device=x.device, generator=generator) < 0.5
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+        return x
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of shuffled, augmented, normalized batches (the last partial batch is dropped)."""
+        n = len(self.y_train)
+        perm = torch.randperm(n, device=self.device, generator=generator)
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            idx = perm[i:i + batch_size]
+            yield self.normalize(self.augment(self.x_train[idx], generator)), self.y_train[idx]
+
+    def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.y_test), batch_size):
+            yield self.normalize(self.x_test[i:i + batch_size]), self.y_test[i:i + batch_size]
+
+
+datasets: Registry = Registry("dataset")
+
+
+@datasets.register("digits")
+def _digits(root: Path | None = None) -> TensorData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
+    x_tr, x_te, y_tr, y_te = train_test_split(images, bunch.target, test_size=0.2, random_state=0,
+                                              stratify=bunch.target)
+    mean, std = float(images.mean() / 255), float(images.std() / 255)
+    return TensorData("digits", torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(),
+                      torch.from_numpy(x_te), torch.from_numpy(y_te).long(), 10, (mean,), (std,),
+                      pad=1, flip=False)  # flipping changes a digit's meaning
+
+
+def _torchvision_dataset(cls_name: str, root: Path | None, **split_kwargs):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cls_name)
+    root = Path(root or cache_dir() / "data")
+    out = []
+    for kwargs in split_kwargs.values():
+        try:
+            out.append(cls(str(root), download=False, **kwargs))
+        except RuntimeError:
+            try:
+                out.append(cls(str(root), download=True, **kwargs))
+            except Exception as exc:
+                raise DatasetUnavailable(
+                    f"{cls_name} is not in {root} and could not be downloaded ({type(exc).__name__}); "
+                    f"put it there, or use imagefolder:PATH with train/ and test/ folders") from None
+    return out
+
+
+@datasets.register("cifar10")
+def _cifar10(root: Path | None = None) -> TensorData:
+    train, test = _torchvision_dataset("CIFAR10", root, train={"train": True}, test={"train": False})
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    return TensorData("cifar10", to_t(train.data), torch.tensor(train.targets), to_t(test.data),
+                      torch.tensor(test.targets), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+
+
+@datasets.register("svhn")
+def _svhn(root: Path | None = None) -> TensorData:
+    train, test = _torchvision_dataset("SVHN", root, train={"split": "train"}, test={"split": "test"})
+    return TensorData("svhn", torch.from_numpy(train.data), torch.from_numpy(train.labels).long(),
+                      torch.from_numpy(test.data), torch.from_numpy(test.labels).long(), 10,
+                      (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), flip=False)
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _read_split(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        names = sorted(p for p in (split_dir / cls).iterdir() if p.is_file())
+        files += [str(p) for p in names]
+        labels += [label] * len(names)
+    if not files:
+        raise ValueError(f"imagefolder: no images under {split_dir}")
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        images = list(pool.map(_decode, files, chunksize=512))
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"imagefolder: images under {split_dir} differ in size {sorted(shapes)[:3]}; resize them first")
+    return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64)
+
+
+def _unpack(archive: Path) -> Path:
+    key = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "unpacked" / key
+    if not (dest / ".complete").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest, filter="data")
+        (dest / ".complete").touch()
+    found = [p.parent for p in dest.rglob("train") if p.is_dir() and (p.parent / "test").is_dir()]
+    if not found:
+        raise ValueError(f"imagefolder: {archive} holds no train/ and test/ folders")
+    return found[0]
+
+
+def load_imagefolder(path: str | Path) -> TensorData:
+    """Decode ``PATH/train`` and ``PATH/test`` (ImageFolder layout, or a .tar.gz of it) once, then cache."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"imagefolder: no such path {str(path)!r}")
+    if path.is_file():
+        path = _unpack(path)
+    if not (path / "train").is_dir() or not (path / "test").is_dir():
+        raise ValueError(f"imagefolder: {path} must hold train/ and test/ folders of class subfolders")
+    classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    cached = cache_dir() / "tensors" / f"imagefolder-{key}.pt"
+    data = None
+    if cached.exists():
+        try:
+            data = torch.load(cached, weights_only=True)
+        except Exception:
+            data = None  # corrupt cache: decode again
+    if data is None:
+        x_tr, y_tr = _read_split(path / "train", classes)
+        x_te, y_te = _read_split(path / "test", classes)
+        data = {"x_train": torch.from_numpy(x_tr), "y_train": torch.from_numpy(y_tr),
+                "x_test": torch.from_numpy(x_te), "y_test": torch.from_numpy(y_te)}
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, cached)
+    x = data["x_train"].float() / 255
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).tolist())
+    h = data["x_train"].shape[-1]
+    return TensorData(f"imagefolder:{path}", data["x_train"], data["y_train"], data["x_test"], data["y_test"],
+                      len(classes), mean, std, pad=max(1, h // 8))
+
+
+def load_dataset(name: str, *, root: Path | None = None) -> TensorData:
+    """Load a dataset by name as CPU tensors (``.to(device)`` moves it).
+
+    Raises:
+        KeyError: unknown name (lists the valid names).
+        DatasetUnavailable: not on disk and no network.
+    """
+    if name.startswith("imagefolder:"):
+        return load_imagefolder(name.split(":", 1)[1])
+    if name not in datasets:
+        raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(datasets.names())}, imagefolder:PATH")
+    return datasets.get(name)(root)

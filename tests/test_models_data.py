@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from cost_models import profile
+from hwsearch.data import load_dataset
+from hwsearch.models import create_model, list_models, models
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_registered_model_adapts_to_dataset_and_profiles(name):
+    model = create_model(name, num_classes=7, in_channels=1).eval()
+    size = 32
+    out = model(torch.zeros(2, 1, size, size))
+    assert out.shape == (2, 7)
+    table = profile(model, (1, 1, size, size))
+    assert table.macs > 0 and all(layer.name in dict(model.named_modules()) for layer in table.layers)
+
+
+@pytest.mark.parametrize(("name", "params"), [("resnet20", 0.27e6), ("resnet32", 0.46e6), ("resnet56", 0.85e6)])
+def test_cifar_resnets_have_published_sizes(name, params):
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=0.02)
+
+
+def test_resnet20_runs_on_8x8_digits():
+    model = create_model("resnet20", num_classes=10, in_channels=1).eval()
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_torchvision_models_by_name_and_unknown_names():
+    assert "efficientnet_b0" in list_models("efficientnet*")
+    model = create_model("efficientnet_b0", num_classes=5, in_channels=1).eval()
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 5)
+    with pytest.raises(KeyError, match="resnet20"):
+        create_model("no_such_model")
+
+
+def test_user_factory(tmp_path, monkeypatch):
+    (tmp_path / "mynet.py").write_text(
+        "import torch.nn as nn\n"
+        "def make(num_classes=10, in_channels=3):\n"
+        "    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))\n"
+        "def broken():\n    raise RuntimeError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = create_model("mynet:make", num_classes=3, in_channels=1)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 3)
+    with pytest.raises(ValueError, match="factory failed.*boom"):
+        create_model("mynet:broken")
+    with pytest.raises(ValueError, match="no callable 'nothing'"):
+        create_model("mynet:nothing")
+
+
+def test_digits_dataset_and_device_augmentation():
+    data = load_dataset("digits")
+    assert data.x_train.dtype == torch.uint8 and data.x_train.shape[1:] == (1, 8, 8)
+    assert len(data.y_train) + len(data.y_test) == 1797
+    g = torch.Generator().manual_seed(0)
+    batches = list(data.train_batches(128, g))
+    assert len(batches) == len(data.y_train) // 128
+    xb, yb = batches[0]
+    assert xb.dtype == torch.float32 and xb.shape == (128, 1, 8, 8) and yb.shape == (128,)
+
+
+def test_augmentation_crops_are_shifted_copies():
+    data = load_dataset("digits")
+    x = data.x_train[:16]
+    out = data.augment(x, torch.Generator().manual_seed(1))
+    pad = data.pad
+    xp = torch.nn.functional.pad(x, (pad,) * 4)
+    for i in range(16):  # every output equals some window of the padded input
+        assert any(torch.equal(out[i], xp[i, :, dy:dy + 8, dx:dx + 8])
+                   for dy in range(2 * pad + 1) for dx in range(2 * pad + 1))
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 10, 200 if cls == "a" else 0)).save(tmp_path / split / cls / f"{i}.png")
+    data = load_dataset(f"imagefolder:{tmp_path}")
+    assert data.x_train.shape == (6, 3, 8, 8) and data.num_classes == 2
+    assert data.y_train.tolist() == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="no such path"):
+        load_dataset(f"imagefolder:{tmp_path}/missing")
+    with pytest.raises(KeyError, match="digits"):
+        load_dataset("mnist-ish")
