@@ -1,0 +1,98 @@
+"""Bench: training-step time of FP32, uniform QAT (DoReFa+PACT, fixed 4 bits) and SINAREQ
+(learning bits under a BitOps budget) on ResNet-20, batch 128, 32x32 inputs.
+
+    python bench/step_time.py [--device cpu|cuda] [--steps 20] [--data imagefolder:../shared/data/cifar10-jpeg.tar.gz]
+
+Synthetic uint8 images are used unless --data is given (the step time does not depend on
+pixel values). Prints ms/step and the ratios to FP32, and a profile of the SINAREQ step's top ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from hwsearch.config import RunConfig
+from hwsearch.costs import uniform_bits
+from hwsearch.data import TensorData
+from hwsearch.rounding import BitSpace
+from hwsearch.run import Prepared, _calibrate, _quantize, _train_quantized
+from hwsearch.train import fit
+
+
+def synthetic(n: int, device) -> TensorData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return TensorData("synthetic", x, y, x[:256], y[:256], 10, (0.5,) * 3, (0.25,) * 3).to(device)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make(mode: str, data: TensorData, device, steps: int) -> tuple[Prepared, dict | None]:
+    from cost_models import get_cost_model, profile
+    from hwsearch.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet20").to(device)
+    table = profile(model, data.input_shape)
+    n = len(table)
+    cfg = RunConfig(model="resnet20", dataset="synthetic", epochs=1, batch_size=128, freeze_at=1.0,
+                    fixed_bits=4 if mode == "qat" else None)
+    free = [0 < i < n - 1 for i in range(n)]
+    w = [8.0] * n if mode == "sinareq" else [4.0] * n
+    a = list(w)
+    w[0] = a[0] = w[-1] = a[-1] = 8.0
+    space = BitSpace(free if mode == "sinareq" else [False] * n, free if mode == "sinareq" else [False] * n)
+    if mode == "sinareq":
+        wb, ab = uniform_bits(table, 4, 4)
+        cfg = RunConfig(**{**cfg.to_dict(), "budgets": {"bitops": get_cost_model("bitops")(table, wb, ab)}})
+    prep = Prepared(cfg, data, model, table, table.names, space, w, a, device)
+    return prep, None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    data = synthetic(128 * args.steps, device)
+    results = {}
+    for mode in ("fp32", "qat", "sinareq"):
+        prep, _ = make(mode, data, device, args.steps)
+        if mode == "fp32":
+            def step(prep=prep):
+                fit(prep.model, prep.data, epochs=1, lr=0.05, batch_size=128, seed=0, log_every=10**9)
+        else:
+            layers = _quantize(prep, prep.w_init, prep.a_init)
+            _calibrate(prep)
+            def step(prep=prep, layers=layers, mode=mode):
+                _train_quantized(prep, layers, learn=mode == "sinareq", progress=False, history=[])
+        step()  # warm-up
+        times = [timed(step, device) / args.steps for _ in range(args.repeats)]
+        results[mode] = min(times)
+        print(f"{mode:8s} {1000 * min(times):8.2f} ms/step  (runs: {', '.join(f'{1000 * t:.1f}' for t in times)})", flush=True)
+    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"ratio qat/fp32     = {results['qat'] / results['fp32']:.2f}")
+    print(f"ratio sinareq/fp32 = {results['sinareq'] / results['fp32']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Frozen, validated configuration of a SINAREQ run (one dataclass, a comment per field)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from cost_models import get_cost_model
+
+__all__ = ["RunConfig"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "resnet20"            # registered, torchvision, or package.module:factory
+    dataset: str = "digits"            # digits | cifar10 | svhn | imagefolder:PATH
+    budgets: dict[str, float] = field(default_factory=dict)  # cost model name -> hard cap (e.g. {"bitops": 5e8})
+    cost_model: str = "bitops"         # the cost behind bit pressure (and the search's cost objective)
+    quantizer: str = "dorefa"          # weight quantizer: dorefa | wrpn
+    fixed_bits: int | None = None      # fixed-bit mode: every free layer at these bits, no bit learning
+    act_bits: int | None = None        # fixed activation bits; None: learned (or fixed_bits in fixed mode)
+    b_min: int = 2                     # lowest learnable bits
+    b_max: int = 8                     # highest learnable bits
+    init_bits: float = 8.0             # starting continuous bitwidth
+    first_last_bits: int = 8           # first and last weight layers fixed here (0: learn them too)
+    input_bits: int = 8                # bits of the image input to the first layer
+    fp32_epochs: int = 30              # epochs of the cached FP32 checkpoint
+    epochs: int = 10                   # SINAREQ epochs (learning, then fine-tuning at fixed bits)
+    freeze_at: float = 0.8             # fraction of steps after which bits are rounded and frozen
+    reg_start: float = 0.2             # schedule: strengths switch on around this fraction of steps
+    reg_width: float = 0.05            # schedule: width of the tanh switch, as a fraction of steps
+    lambda_w: float = 10.0             # SINAREQ regularizer strength (digits and CIFAR: 10 pulls weights onto levels)
+    lambda_b: float = 0.05             # bit-pressure strength
+    lambda_c: float = 2.0              # budget-term strength
+    lr: float = 0.02                   # SGD max learning rate for weights when fine-tuning quantized
+    lr_fp32: float = 0.1               # SGD max learning rate of FP32 pre-training
+    lr_quant: float = 0.02             # Adam learning rate for bitwidths, scales and clips
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    max_train: int | None = None       # use a fixed random subset of the training set
+    max_test: int | None = None        # use a fixed random subset of the test set
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in ("dorefa", "wrpn"):
+            raise ValueError(f"quantizer: expected 'dorefa' or 'wrpn', got {self.quantizer!r}")
+        lowest = 2 if self.quantizer == "wrpn" else 1
+        if not lowest <= self.b_min <= self.b_max <= 16:
+            raise ValueError(f"b_min/b_max: need {lowest} <= b_min <= b_max <= 16, got {self.b_min}, {self.b_max}")
+        for name in ("fixed_bits", "act_bits"):
+            v = getattr(self, name)
+            if v is not None and not lowest <= v <= 16:
+                raise ValueError(f"{name}: must be within {lowest}..16, got {v}")
+        if not (self.first_last_bits == 0 or lowest <= self.first_last_bits <= 32):
+            raise ValueError(f"first_last_bits: must be 0 or within {lowest}..32, got {self.first_last_bits}")
+        for name in ("fp32_epochs", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("freeze_at", "reg_start"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
+        for name in ("lambda_w", "lambda_b", "lambda_c"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "lr_fp32", "lr_quant"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name, value in self.budgets.items():
+            get_cost_model(name)  # raises for unknown names
+            if not value > 0:
+                raise ValueError(f"budgets[{name}]: must be > 0, got {value}")
+        get_cost_model(self.cost_model)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,154 @@
+"""The plan file ``hwsearch.plan/v1``: per-layer bits and costs, written atomically, validated when read."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cost_models import LayerTable
+
+from .costs import cost_report
+
+__all__ = ["PlanError", "SCHEMA", "build_plan", "check_plan_matches", "load_plan", "save_plan"]
+
+SCHEMA = "hwsearch.plan/v1"
+
+
+class PlanError(ValueError):
+    """A plan file that is malformed or does not fit the model; the message names the field."""
+
+
+_JSON_SCHEMA = {
+    "type": "object",
+    "required": ["schema", "model", "dataset", "input_shape", "quantizer", "cost_model", "budget", "layers",
+                 "totals", "metrics", "provenance"],
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "model": {"type": "string"},
+        "dataset": {"type": "string"},
+        "input_shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2},
+        "quantizer": {"type": "object", "required": ["weights", "activations"]},
+        "cost_model": {"type": "string"},
+        "budget": {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
+        "layers": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "op", "macs", "params", "weight_bits", "act_bits", "bitops", "weight_bytes"],
+            "properties": {
+                "name": {"type": "string"}, "op": {"type": "string"},
+                "macs": {"type": "integer", "minimum": 0}, "params": {"type": "integer", "minimum": 0},
+                "weight_bits": {"type": ["integer", "null"], "minimum": 1, "maximum": 32},
+                "act_bits": {"type": "integer", "minimum": 1, "maximum": 32},
+                "bitops": {"type": "number", "minimum": 0}, "weight_bytes": {"type": "number", "minimum": 0},
+            }}},
+        "totals": {"type": "object", "required": ["macs", "bitops", "bitops_fp32", "weight_bytes", "avg_weight_bits"]},
+        "metrics": {"type": "object"},
+        "provenance": {"type": "object"},
+    },
+}
+
+
+def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int], a_bits: list[int],
+               quantizer: str, cost_model: str, budget: Mapping[str, float], metrics: Mapping[str, Any],
+               seed: int, hyperparameters: Mapping[str, Any]) -> dict:
+    """A plan dict (schema v1) for integer bits on ``table``."""
+    import torch
+
+    from . import __version__
+
+    rows, totals = cost_report(table, w_bits, a_bits, cost_models=())
+    layers = [{k: r[k] for k in ("name", "op", "macs", "params", "weight_bits", "act_bits", "bitops", "weight_bytes")}
+              for r in rows]
+    return {
+        "schema": SCHEMA, "model": model, "dataset": dataset, "input_shape": list(table.input_shape),
+        "quantizer": {"weights": quantizer, "activations": "pact"},
+        "cost_model": cost_model, "budget": dict(budget), "layers": layers,
+        "totals": {k: totals[k] for k in ("macs", "bitops", "bitops_fp32", "weight_bytes", "other_bytes",
+                                          "avg_weight_bits")},
+        "metrics": dict(metrics),
+        "provenance": {"hwsearch": __version__, "torch": torch.__version__, "seed": seed,
+                       "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "hyperparameters": dict(hyperparameters)},
+    }
+
+
+def save_plan(plan: dict, path: str | Path) -> Path:
+    """Write ``plan`` as JSON and its layers as CSV beside it, each atomically (temp file + rename)."""
+    import pandas as pd
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, path)
+    csv_path = path.with_suffix(".csv")
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    pd.DataFrame(plan["layers"]).to_csv(tmp, index=False)
+    os.replace(tmp, csv_path)
+    return path
+
+
+def _field(error) -> str:
+    return "/".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def load_plan(path: str | Path) -> dict:
+    """Read and validate a plan file (schema, types, ranges, totals consistent with the layers).
+
+    Raises:
+        PlanError: naming the field that is wrong.
+    """
+    import jsonschema
+
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"plan: no such file {str(path)!r}")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"plan {path}: not valid JSON ({exc})") from None
+    errors = sorted(jsonschema.Draft202012Validator(_JSON_SCHEMA).iter_errors(plan), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        raise PlanError(f"plan {path}: field {_field(e)}: {e.message}")
+    names = [layer["name"] for layer in plan["layers"]]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise PlanError(f"plan {path}: field layers: duplicate layer names {sorted(dupes)}")
+    for i, layer in enumerate(plan["layers"]):
+        w = layer["weight_bits"] if layer["weight_bits"] is not None else layer["act_bits"]
+        expected = layer["macs"] * w * layer["act_bits"]
+        if not math.isclose(layer["bitops"], expected, rel_tol=1e-9, abs_tol=1e-6):
+            raise PlanError(f"plan {path}: field layers/{i}/bitops: {layer['bitops']} != macs*weight_bits*act_bits "
+                            f"= {expected}")
+    for key in ("macs", "bitops", "weight_bytes"):
+        total = math.fsum(layer[key] for layer in plan["layers"])
+        if not math.isclose(plan["totals"][key], total, rel_tol=1e-9, abs_tol=1e-6):
+            raise PlanError(f"plan {path}: field totals/{key}: {plan['totals'][key]} != sum over layers {total}")
+    return plan
+
+
+def check_plan_matches(plan: dict, table: LayerTable, *, b_range: tuple[int, int] = (1, 32)) -> None:
+    """Check that a plan fits a model's layer table: every layer present, no extras, same MACs.
+
+    Raises:
+        PlanError: naming the missing, extra or mismatched layers.
+    """
+    plan_names = [layer["name"] for layer in plan["layers"]]
+    missing = [n for n in table.names if n not in plan_names]
+    extra = [n for n in plan_names if n not in table.names]
+    if missing:
+        raise PlanError(f"plan field layers: missing layers of model {plan['model']!r}: {missing}")
+    if extra:
+        raise PlanError(f"plan field layers: layers not in model {plan['model']!r}: {extra}")
+    if list(plan["input_shape"]) != list(table.input_shape):
+        raise PlanError(f"plan field input_shape: {plan['input_shape']} but the data gives {list(table.input_shape)}")
+    by_name = {layer["name"]: layer for layer in plan["layers"]}
+    for layer in table.layers:
+        if by_name[layer.name]["macs"] != layer.macs:
+            raise PlanError(f"plan field layers/{layer.name}/macs: {by_name[layer.name]['macs']} but the model "
+                            f"has {layer.macs}")

@@ -1,0 +1,116 @@
+"""Pictures of a run: training curves, bits per layer, weights against quantization levels.
+
+Each figure has a function that builds a tidy DataFrame and one that draws it on an optional
+``ax``; nothing here calls ``plt.show()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["bits_frame", "plot_bits", "plot_curves", "plot_weight_histogram", "save_run_plots"]
+
+
+def _axes(ax, **kw):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(**kw)
+    return ax
+
+
+def bits_frame(plan: dict) -> pd.DataFrame:
+    """One row per layer: name, weight bits, activation bits, share of BitOps."""
+    df = pd.DataFrame(plan["layers"])
+    df["bitops_share"] = df["bitops"] / max(df["bitops"].sum(), 1e-12)
+    return df[["name", "op", "weight_bits", "act_bits", "bitops_share"]]
+
+
+def plot_bits(plan: dict, ax=None):
+    ax = _axes(ax, figsize=(max(6, 0.35 * len(plan["layers"])), 3.5))
+    df = bits_frame(plan)
+    x = range(len(df))
+    ax.bar([i - 0.2 for i in x], df["weight_bits"].fillna(0), width=0.4, label="weight bits")
+    ax.bar([i + 0.2 for i in x], df["act_bits"], width=0.4, label="activation bits")
+    ax.set_xticks(list(x), df["name"], rotation=75, fontsize=7)
+    ax.set_ylabel("bits")
+    ax.set_title(f"{plan['model']} on {plan['dataset']}: top-1 {plan['metrics'].get('top1', float('nan')):.3f}")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None):
+    """Task loss, average learned bits, and cost over budget, against step."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _axes(None)
+        _, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    h = history.copy()
+    h["global_step"] = range(1, len(h) + 1)
+    axes[0].plot(h["global_step"], h["task_loss"])
+    axes[0].set_title("task loss")
+    for col, label in (("avg_w_bits", "weights"), ("avg_a_bits", "activations")):
+        if col in h:
+            axes[1].plot(h["global_step"], h[col], label=label)
+    axes[1].set_title("average learned bits")
+    axes[1].legend(fontsize=8)
+    if "cost_ratio" in h:
+        axes[2].plot(h["global_step"], h["cost_ratio"])
+        axes[2].axhline(1.0, color="k", ls="--", lw=1)
+        axes[2].set_title(f"{budget_name or 'cost'} / budget")
+    else:
+        axes[2].plot(h["global_step"], h.get("regularizer", h["task_loss"] * 0))
+        axes[2].set_title("SINAREQ regularizer")
+    for ax in axes:
+        ax.set_xlabel("logging point")
+    return axes
+
+
+def plot_weight_histogram(u_before, u_after, levels, title: str, ax=None):
+    """Histogram of one layer's weights in grid units before and after, with the quantization levels."""
+    ax = _axes(ax, figsize=(7, 3.2))
+    ax.hist(u_before, bins=200, alpha=0.5, label="FP32 checkpoint", density=True)
+    ax.hist(u_after, bins=200, alpha=0.5, label="after SINAREQ", density=True)
+    for lv in levels:
+        ax.axvline(lv, color="k", lw=0.6, ls=":")
+    ax.set_title(title)
+    ax.set_xlabel("normalized weight u (levels dotted)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def save_run_plots(run_dir: Path, plan, history, layers, hist_layer, u_before, config) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    if history:
+        axes = plot_curves(pd.DataFrame(history), next(iter(config.budgets), None))
+        axes[0].figure.tight_layout()
+        axes[0].figure.savefig(run_dir / "curves.png", dpi=110)
+        plt.close(axes[0].figure)
+    ax = plot_bits(plan)
+    ax.figure.tight_layout()
+    ax.figure.savefig(run_dir / "bits.png", dpi=110)
+    plt.close(ax.figure)
+    if hist_layer:
+        m = layers[hist_layer]
+        with torch.no_grad():
+            u_after = m.quantizer.normalize(m.weight, m.w_scale.abs() + 1e-8).flatten().cpu().tolist()
+            bits = int(round(float(m.w_beta)))
+            delta = float(m.quantizer.step(torch.tensor(float(bits))))
+        lo = -1.0 if m.quantizer.name == "wrpn" else 0.0
+        n = round((1.0 - lo) / delta)
+        levels = [lo + k * delta for k in range(n + 1)]
+        ax = plot_weight_histogram(u_before, u_after, levels, f"{hist_layer} at {bits} bits ({m.quantizer.name})")
+        ax.figure.tight_layout()
+        ax.figure.savefig(run_dir / "weights.png", dpi=110)
+        plt.close(ax.figure)

@@ -1,0 +1,266 @@
+"""Fake quantization that keeps the user's module names.
+
+Conv and Linear modules are swapped in place for subclasses (``QuantConv2d``,
+``QuantLinear``) that carry, per layer, a learnable continuous weight bitwidth
+``w_beta``, a weight scale ``w_scale``, an activation bitwidth ``a_beta`` and a PACT clip
+``a_alpha``. ``model.named_modules()`` is unchanged, so plans and cost tables stay keyed
+by the names a user sees.
+
+The forward pass quantizes on the grid of the *continuous* bitwidth, the same grid the
+SINAREQ regularizer uses, with a straight-through estimator for rounding written so that
+the step size (hence the bitwidth and the scale) also gets a gradient (as in LSQ, Esser
+et al. 2020): ``q = Δ * (x/Δ + stopgrad(round(x/Δ) - x/Δ))``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cost_models import Registry
+
+__all__ = ["DoReFa", "QuantConv2d", "QuantLinear", "WRPN", "WeightQuantizer", "quant_layers", "quantize_model",
+           "weight_quantizers"]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+class WeightQuantizer(ABC):
+    """Maps weights to a unit grid ``u`` whose levels are multiples of ``step(beta)``."""
+
+    name: str = ""
+    min_bits: float = 1.0
+
+    @abstractmethod
+    def normalize(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Weights in grid units ``u``; levels sit at integer multiples of ``step(beta)``."""
+
+    @abstractmethod
+    def step(self, beta: torch.Tensor) -> torch.Tensor:
+        """Grid step Δ(β) at continuous bitwidth β."""
+
+    @abstractmethod
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Quantized grid values back to weight space."""
+
+    def quantize(self, w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (quantized weights, u) so that the regularizer can reuse ``u``."""
+        u = self.normalize(w, scale)
+        delta = self.step(beta)
+        q = delta * round_ste(u / delta)
+        return self.dequantize(self._clip(q), scale), u
+
+    def _clip(self, q):
+        return q
+
+    def levels(self, bits: int, scale: float) -> torch.Tensor:
+        """The quantization levels in weight space at integer ``bits`` (for plots)."""
+        delta = float(self.step(torch.tensor(float(bits))))
+        k = torch.arange(-round(1 / delta), round(1 / delta) + 1, dtype=torch.float64)
+        q = (k * delta)
+        q = q[(q >= self._qmin - 1e-9) & (q <= 1 + 1e-9)]
+        return self.dequantize(q, torch.tensor(scale, dtype=torch.float64))
+
+    def init_scale(self, w: torch.Tensor) -> float:
+        return float(w.detach().abs().max().clamp_min(1e-8))
+
+
+class DoReFa(WeightQuantizer):
+    """DoReFa (Zhou et al. 2016): u = tanh(w)/(2 max|tanh w|) + 1/2 in [0, 1], Δ = 1/(2^β - 1),
+    ŵ = s (2q - 1). The scale s (initialized to max|w|) keeps the float model's weight magnitude,
+    which matters for layers not followed by batch norm."""
+
+    name = "dorefa"
+    min_bits = 1.0
+    _qmin = 0.0
+
+    def normalize(self, w, scale):
+        t = torch.tanh(w)
+        return t / (2 * t.detach().abs().max().clamp_min(1e-8)) + 0.5
+
+    def step(self, beta):
+        return 1.0 / (torch.pow(2.0, beta) - 1)
+
+    def _clip(self, q):
+        return q.clamp(0.0, 1.0)
+
+    def dequantize(self, q, scale):
+        return scale * (2 * q - 1)
+
+
+class WRPN(WeightQuantizer):
+    """WRPN (Mishra et al. 2018): u = clip(w/s, -1, 1), symmetric levels k/(2^(β-1) - 1), ŵ = s q."""
+
+    name = "wrpn"
+    min_bits = 2.0
+    _qmin = -1.0
+
+    def normalize(self, w, scale):
+        return torch.clamp(w / scale, -1.0, 1.0)
+
+    def step(self, beta):
+        return 1.0 / (torch.pow(2.0, beta - 1) - 1)
+
+    def dequantize(self, q, scale):
+        return scale * q
+
+    def _clip(self, q):
+        return q.clamp(-1.0, 1.0)
+
+    def init_scale(self, w):
+        # max|w| leaves almost every weight at 0 at 2-3 bits; 3 std keeps the bulk on the grid.
+        w = w.detach()
+        return float(torch.minimum(w.abs().max(), 3 * w.std()).clamp_min(1e-8))
+
+
+weight_quantizers: Registry[WeightQuantizer] = Registry("weight quantizer")
+weight_quantizers.register("dorefa", DoReFa())
+weight_quantizers.register("wrpn", WRPN())
+
+
+class _PactQuant(torch.autograd.Function):
+    """PACT (Choi et al. 2018) on a continuous grid, in one pass forward and one backward.
+
+    y = clip(x, lo, α), lo = -α (signed inputs) or 0; Δ = (α - lo)/(2^β - 1);
+    ŷ = lo + Δ round((y - lo)/Δ). Gradients: x gets the straight-through gradient inside the
+    clip range; α gets the PACT gradient plus the step-size term; β the step-size term.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, signed: bool):
+        lo = -alpha if signed else torch.zeros_like(alpha)
+        levels = torch.pow(2.0, beta) - 1
+        delta = (alpha - lo) / levels
+        y = torch.maximum(torch.minimum(x, alpha), lo)
+        t = (y - lo) / delta
+        r = torch.round(t)
+        ctx.save_for_backward(x, alpha, beta, (r - t).to(torch.float16 if x.is_cuda else x.dtype))
+        ctx.signed = signed
+        return lo + delta * r
+
+    @staticmethod
+    def backward(ctx, g):
+        x, alpha, beta, err = ctx.saved_tensors
+        signed = ctx.signed
+        lo = -alpha if signed else torch.zeros_like(alpha)
+        above = x >= alpha
+        below = x <= lo
+        inside = ~(above | below)
+        gx = g * inside
+        levels = torch.pow(2.0, beta) - 1
+        span = alpha - lo
+        # d(lo + Δ r)/dΔ = r = t + err; with the STE in t, only err survives: dŷ/dΔ|ste = err.
+        g_err = (g * err.to(g.dtype)).sum()
+        # α: the clipped region passes ∂/∂α of the clip (1 above, -1 below when signed), plus dΔ/dα.
+        d_span = 2.0 if signed else 1.0
+        g_alpha = (g * above).sum() - ((g * below).sum() if signed else 0) + g_err * d_span / levels
+        # β: dΔ/dβ = -span * ln2 * 2^β / levels^2.
+        g_beta = g_err * (-span * math.log(2.0) * torch.pow(2.0, beta) / levels ** 2)
+        return gx, g_alpha.reshape(alpha.shape), g_beta.reshape(beta.shape), None
+
+
+class _QuantMixin:
+    """State and behaviour shared by QuantConv2d and QuantLinear."""
+
+    def _setup(self, quantizer: WeightQuantizer, w_bits: float, a_bits: float, quantize_input: bool) -> None:
+        self.quantizer = quantizer
+        device = self.weight.device
+        self.w_beta = nn.Parameter(torch.tensor(float(w_bits), device=device))
+        self.w_scale = nn.Parameter(torch.tensor(quantizer.init_scale(self.weight), device=device))
+        self.a_beta = nn.Parameter(torch.tensor(float(a_bits), device=device))
+        self.a_alpha = nn.Parameter(torch.tensor(1.0, device=device))
+        self.register_buffer("a_signed", torch.tensor(False, device=device))
+        self.quantize_input = quantize_input  # False for the first layer: its input is the 8-bit image
+        self.quant_enabled = True
+        self._calibrated = False  # Python flags, not tensors: no host sync in the forward pass
+        self._signed = False
+        self.reg_enabled = False
+        self.reg_value: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, quantizer={self.quantizer.name}, "
+                f"w_bits={float(self.w_beta):.2f}, a_bits={float(self.a_beta):.2f}")
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        # PACT's clip starts at a high quantile of the first batch; signed when inputs go negative.
+        signed = bool((x < 0).any())
+        flat = x.detach().abs().flatten().float()
+        if flat.numel() > 1_000_000:
+            flat = flat[torch.randint(0, flat.numel(), (1_000_000,), device=flat.device)]
+        self.a_alpha.fill_(float(torch.quantile(flat, 0.999).clamp_min(1e-3)))
+        self.a_signed.fill_(signed)
+        self._signed = signed
+        self._calibrated = True
+
+    def _quant_weight(self) -> torch.Tensor:
+        if not self.quant_enabled:
+            self.reg_value = None
+            return self.weight
+        w_hat, u = self.quantizer.quantize(self.weight, self.w_beta, self.w_scale.abs() + 1e-8)
+        if self.reg_enabled:
+            # SINAREQ (WaveQ's normalized form): mean sin^2(pi u / Δ(β)) / 2^β; zeros on the levels.
+            # 1/2^β is detached from β's gradient; see hwsearch.sinareq.regularizer for why.
+            delta = self.quantizer.step(self.w_beta)
+            self.reg_value = torch.sin(math.pi * u / delta).pow(2).mean() / torch.pow(2.0, self.w_beta.detach())
+        else:
+            self.reg_value = None
+        return w_hat
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.quant_enabled and self.quantize_input):
+            return x
+        if not self._calibrated:
+            self._calibrate(x)
+        return _PactQuant.apply(x, self.a_alpha.abs() + 1e-6, self.a_beta, self._signed)
+
+    def bits(self) -> tuple[float, float]:
+        return float(self.w_beta), float(self.a_beta)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(self._quant_input(x), self._quant_weight(), self.bias)
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    def forward(self, x):
+        return F.linear(self._quant_input(x), self._quant_weight(), self.bias)
+
+
+_SWAP = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def quantize_model(model: nn.Module, names: list[str], *, quantizer: str | WeightQuantizer = "dorefa",
+                   w_bits: dict[str, float], a_bits: dict[str, float], first_layer: str | None = None) -> nn.Module:
+    """Swap the named Conv2d/Linear modules for quantized ones, in place, keeping their names.
+
+    Args:
+        names: modules to quantize (from the layer table).
+        w_bits, a_bits: initial (continuous) bits per name.
+        first_layer: the layer whose input is the image; its input is not re-quantized.
+
+    Returns:
+        The same model object.
+    """
+    q = weight_quantizers.get(quantizer) if isinstance(quantizer, str) else quantizer
+    for name in names:
+        module = model.get_submodule(name)
+        cls = _SWAP.get(type(module))
+        if cls is None:
+            raise ValueError(f"layer {name!r}: cannot quantize {type(module).__name__} (Conv2d and Linear only)")
+        module.__class__ = cls  # same parameters, same name; the new class adds quantizer state
+        module._setup(q, w_bits[name], a_bits[name], quantize_input=name != first_layer)
+    return model
+
+
+def quant_layers(model: nn.Module) -> dict[str, _QuantMixin]:
+    """The quantized modules of a model by name, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantMixin)}

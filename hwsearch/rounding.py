@@ -1,0 +1,130 @@
+"""Integer bits from continuous ones, with a hard guarantee: a plan never exceeds a budget.
+
+After rounding, while any budget is exceeded, the move that saves the most cost (summed over
+the violated budgets, each relative to its budget) per unit of expected accuracy loss is
+taken: one bit off one layer's weights or activations. The expected loss of going from b to
+b−1 bits is the growth of uniform quantization noise power, ∝ 4^−(b−1) − 4^−b, scaled by an
+optional per-layer sensitivity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cost_models import CostModel, LayerTable
+
+__all__ = ["BitSpace", "InfeasibleBudget", "check_feasible", "minimum_cost", "project_to_budgets"]
+
+
+class InfeasibleBudget(ValueError):
+    """A budget below the cost of every free layer at the minimum bits."""
+
+
+@dataclass(frozen=True)
+class BitSpace:
+    """Which bits may move (``free_w``/``free_a`` per layer) and their range."""
+
+    free_w: Sequence[bool]
+    free_a: Sequence[bool]
+    b_min: int = 2
+    b_max: int = 8
+
+
+def minimum_cost(table: LayerTable, w_bits, a_bits, space: BitSpace, model: CostModel) -> float:
+    """Cost with every free bit at ``b_min`` and fixed bits as given."""
+    w = [space.b_min if f else b for b, f in zip(w_bits, space.free_w)]
+    a = [space.b_min if f else b for b, f in zip(a_bits, space.free_a)]
+    return model(table, w, a)
+
+
+def check_feasible(table: LayerTable, w_bits, a_bits, space: BitSpace,
+                   budgets: Sequence[tuple[CostModel, float]]) -> None:
+    """Raise ``InfeasibleBudget`` naming the minimum attainable cost when a budget cannot be met."""
+    for model, budget in budgets:
+        lowest = minimum_cost(table, w_bits, a_bits, space, model)
+        if lowest > budget:
+            raise InfeasibleBudget(
+                f"budget {model.name}={budget:.4g} is below the minimum attainable {lowest:.4g} {model.unit} "
+                f"(every free layer at {space.b_min} bits, fixed layers as configured)")
+
+
+def project_to_budgets(table: LayerTable, w_bits: Sequence[float], a_bits: Sequence[float], space: BitSpace,
+                       budgets: Sequence[tuple[CostModel, float]], *,
+                       sensitivity: Sequence[float] | None = None) -> tuple[list[int], list[int]]:
+    """Round continuous bits to integers in [b_min, b_max] (free bits only), lower bits greedily
+    until every budget holds, then raise bits that rounding lowered while every budget still holds.
+
+    Raises:
+        InfeasibleBudget: when even the all-minimum assignment exceeds a budget.
+    """
+    w = [int(min(max(round(float(b)), space.b_min), space.b_max)) if f else int(round(float(b)))
+         for b, f in zip(w_bits, space.free_w)]
+    a = [int(min(max(round(float(b)), space.b_min), space.b_max)) if f else int(round(float(b)))
+         for b, f in zip(a_bits, space.free_a)]
+    check_feasible(table, w, a, space, budgets)
+    sens = list(sensitivity) if sensitivity is not None else [1.0] * len(table)
+    singles = [LayerTable((layer,), table.input_shape) for layer in table.layers]
+    cache: dict[tuple[int, int, int, int], float] = {}
+
+    def layer_cost(k: int, i: int, wb: int, ab: int) -> float:
+        key = (k, i, wb, ab)
+        if key not in cache:
+            cache[key] = budgets[k][0](singles[i], [wb], [ab])
+        return cache[key]
+
+    def total(k: int) -> float:
+        return sum(layer_cost(k, i, w[i], a[i]) for i in range(len(table)))
+
+    def fits(k: int, i: int, wb: int, ab: int, wi: int, ai: int) -> bool:
+        new = total(k) - layer_cost(k, i, wi, ai) + layer_cost(k, i, wb, ab)
+        return new <= budgets[k][1] * (1 - 1e-12)
+
+    while True:
+        violated = [k for k, (_, budget) in enumerate(budgets) if total(k) > budget * (1 + 1e-12)]
+        if not violated:
+            break
+        best, best_score = None, None
+        for i in range(len(table)):
+            for kind, bits, free in (("w", w, space.free_w), ("a", a, space.free_a)):
+                if not free[i] or bits[i] <= space.b_min:
+                    continue
+                if kind == "w" and not table.layers[i].has_weight:
+                    continue
+                new_w, new_a = (w[i] - 1, a[i]) if kind == "w" else (w[i], a[i] - 1)
+                saving = sum((layer_cost(k, i, w[i], a[i]) - layer_cost(k, i, new_w, new_a)) / budgets[k][1]
+                             for k in violated)
+                noise = 4.0 ** -(bits[i] - 1) - 4.0 ** -bits[i]
+                score = saving / (max(sens[i], 1e-12) * noise)
+                if best_score is None or score > best_score:
+                    best, best_score = (kind, i), score
+        if best is None:  # cannot happen after check_feasible; kept as a clear failure
+            raise InfeasibleBudget("no bits left to lower and a budget is still exceeded")
+        kind, i = best
+        (w if kind == "w" else a)[i] -= 1
+    if budgets:
+        # Spend what rounding left unused: raise bits that were rounded down (never above the
+        # learned ceiling or b_max), most noise removed per unit of relative cost first.
+        ceil_w = [min(math.ceil(float(b) - 1e-9), space.b_max) for b in w_bits]
+        ceil_a = [min(math.ceil(float(b) - 1e-9), space.b_max) for b in a_bits]
+        while True:
+            best, best_score = None, None
+            for i in range(len(table)):
+                for kind, bits, free, ceil in (("w", w, space.free_w, ceil_w), ("a", a, space.free_a, ceil_a)):
+                    if not free[i] or bits[i] >= ceil[i] or (kind == "w" and not table.layers[i].has_weight):
+                        continue
+                    new_w, new_a = (w[i] + 1, a[i]) if kind == "w" else (w[i], a[i] + 1)
+                    if not all(fits(k, i, new_w, new_a, w[i], a[i]) for k in range(len(budgets))):
+                        continue
+                    extra = sum((layer_cost(k, i, new_w, new_a) - layer_cost(k, i, w[i], a[i])) / budgets[k][1]
+                                for k in range(len(budgets)))
+                    gain = 4.0 ** -bits[i] - 4.0 ** -(bits[i] + 1)
+                    score = max(sens[i], 1e-12) * gain / max(extra, 1e-15)
+                    if best_score is None or score > best_score:
+                        best, best_score = (kind, i), score
+            if best is None:
+                break
+            kind, i = best
+            (w if kind == "w" else a)[i] += 1
+    return w, a

@@ -1,0 +1,58 @@
+"""SINAREQ: the sinusoidal regularizer, its schedule, and the hardware terms of the loss.
+
+Paper: Elthakeb et al., "WaveQ: Gradient-Based Deep Quantization of Neural Networks through
+Sinusoidal Adaptive Regularization" (SinReQ/WaveQ). The regularizer is placed on the grid
+of the quantizer in use (DESIGN.md): R = mean_i sin^2(pi u_i / Δ(β)) / 2^β.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cost_models import CostModel, LayerTable
+
+from .quant import WeightQuantizer
+
+__all__ = ["bit_pressure", "budget_penalty", "regularizer", "strength"]
+
+
+def regularizer(w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
+    """SINAREQ penalty of weights ``w`` at continuous bitwidth ``beta``.
+
+    Zero exactly when every weight sits on a level of ``quantizer`` at ``beta``; its gradient
+    in ``w`` points to the nearest level, and its gradients in ``beta`` and ``scale`` move the
+    period. The normalization 1/2^β weighs the penalty of each layer but is detached from β's
+    gradient: left in, its -ln2·R term always favours more weight bits and, at the strengths that
+    pull weights onto levels (λ_w ≈ 10), it outweighs the budget term, so activations alone paid
+    for the budget (measured on digits: W≈7/A≈2 plans below uniform W4A4). (``QuantConv2d``/``QuantLinear`` compute the same value inside their forward pass
+    from the ``u`` they already have.)
+    """
+    u = quantizer.normalize(w, scale)
+    delta = quantizer.step(beta)
+    return torch.sin(math.pi * u / delta).pow(2).mean() / torch.pow(2.0, beta.detach())
+
+
+def strength(step: int | torch.Tensor, total: int, *, start: float = 0.2, width: float = 0.05) -> float:
+    """Smooth switch-on ½(1 + tanh((t - t0)/τ)) with t0 = start·total, τ = width·total (WaveQ's schedule)."""
+    t0, tau = start * total, max(width * total, 1e-9)
+    return 0.5 * (1.0 + math.tanh((float(step) - t0) / tau))
+
+
+def budget_penalty(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor,
+                   budgets: list[tuple[CostModel, float]]) -> torch.Tensor:
+    """Σ_k relu(cost_k(β)/budget_k − 1): zero inside every budget, linear above it."""
+    total = w_bits.new_zeros(())
+    for model, budget in budgets:
+        total = total + torch.relu(model.torch(table, w_bits, a_bits) / budget - 1.0)
+    return total
+
+
+def bit_pressure(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor, model: CostModel,
+                 learn_w: torch.Tensor, learn_a: torch.Tensor) -> torch.Tensor:
+    """Σ_l share_l · (β_w,l + β_a,l) / 8 over learned bits, share_l = layer l's fraction of the cost
+    (detached): layers that dominate the cost feel the most pressure to shed bits."""
+    costs = model.layer_costs(table, w_bits, a_bits).detach()
+    share = costs / costs.sum().clamp_min(1e-12)
+    return (share * (w_bits * learn_w + a_bits * learn_a)).sum() / 8.0

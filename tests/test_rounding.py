@@ -1,0 +1,69 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cost_models import Layer, LayerTable, get_cost_model
+from hwsearch.rounding import BitSpace, InfeasibleBudget, minimum_cost, project_to_budgets
+
+MODELS = ["bitops", "memory", "loom", "stripes", "bitfusion"]
+
+
+@st.composite
+def problems(draw):
+    n = draw(st.integers(2, 12))
+    layers = tuple(Layer(f"l{i}", "Conv2d", draw(st.integers(1, 10**6)), draw(st.integers(1, 10**5)), True)
+                   for i in range(n))
+    table = LayerTable(layers, (1, 3, 8, 8))
+    free = [draw(st.booleans()) or i == 1 for i in range(n)]
+    w = [draw(st.floats(2, 8)) if f else 8.0 for f in free]
+    a = [draw(st.floats(2, 8)) if f else 8.0 for f in free]
+    names = draw(st.lists(st.sampled_from(MODELS), min_size=1, max_size=3, unique=True))
+    fractions = [draw(st.floats(0.0, 1.2)) for _ in names]
+    return table, free, w, a, names, fractions
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_plan_never_exceeds_any_budget(problem):
+    table, free, w, a, names, fractions = problem
+    space = BitSpace(free, free, 2, 8)
+    budgets = []
+    for name, frac in zip(names, fractions):
+        model = get_cost_model(name)
+        lo = minimum_cost(table, w, a, space, model)
+        hi = model(table, [8 if f else 8 for f in free], [8] * len(free))
+        budgets.append((model, lo + frac * (hi - lo) if hi > lo else lo * (1 + frac)))
+    try:
+        wi, ai = project_to_budgets(table, w, a, space, budgets)
+    except InfeasibleBudget:
+        # Several budgets at once can be jointly infeasible only if one alone is: each is >= its minimum.
+        pytest.fail("a budget at or above its all-minimum cost was refused")
+    for model, budget in budgets:
+        assert model(table, wi, ai) <= budget * (1 + 1e-9)
+    for i, f in enumerate(free):
+        if f:
+            assert 2 <= wi[i] <= 8 and 2 <= ai[i] <= 8
+        else:
+            assert wi[i] == 8 and ai[i] == 8
+
+
+def test_budget_below_minimum_is_refused_naming_the_minimum():
+    table = LayerTable((Layer("a", "Conv2d", 100, 10), Layer("b", "Conv2d", 100, 10)), (1, 1, 4, 4))
+    space = BitSpace([False, True], [False, True], 2, 8)
+    minimum = 100 * 8 * 8 + 100 * 2 * 2
+    with pytest.raises(InfeasibleBudget, match=f"{minimum:.4g}"):
+        project_to_budgets(table, [8, 8], [8, 8], space, [(get_cost_model("bitops"), minimum - 1)])
+    assert project_to_budgets(table, [8, 8], [8, 8], space, [(get_cost_model("bitops"), minimum)]) == ([8, 2], [8, 2])
+
+
+def test_rounding_keeps_learned_bits_and_spends_slack_only_up_to_the_learned_ceiling():
+    table = LayerTable((Layer("a", "Conv2d", 100, 10), Layer("b", "Conv2d", 300, 10)), (1, 1, 4, 4))
+    space = BitSpace([True, True], [True, True], 2, 8)
+    assert project_to_budgets(table, [3.2, 5.6], [4.4, 2.1], space, []) == ([3, 6], [4, 2])
+    # An ample budget lets rounded-down bits go up to their ceiling, never beyond.
+    w, a = project_to_budgets(table, [3.2, 5.6], [4.4, 2.1], space, [(get_cost_model("bitops"), 1e9)])
+    assert (w, a) == ([4, 6], [5, 3])
+    # A tight budget: exactly the rounded plan's cost leaves nothing to spend.
+    tight = 100 * 3 * 4 + 300 * 6 * 2
+    assert project_to_budgets(table, [3.2, 5.6], [4.4, 2.1], space, [(get_cost_model("bitops"), tight)]) == \
+        ([3, 6], [4, 2])

@@ -1,0 +1,199 @@
+import json
+import math
+
+import pytest
+import torch
+
+from hwsearch.cli import main
+from hwsearch.config import RunConfig
+from hwsearch.plan import PlanError, load_plan
+from hwsearch.quant import quant_layers
+from hwsearch.rounding import InfeasibleBudget
+from hwsearch.run import prepare, run
+from hwsearch.units import parse_quantity
+
+FAST = ["--fp32-epochs", "8", "--epochs", "8", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    import os
+
+    os.environ["HWSEARCH_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["run", "--budget-bitops", "40M", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_run_writes_a_complete_run_directory(digits_run):
+    for name in ("config.json", "plan.json", "plan.csv", "metrics.json", "history.csv", "curves.png", "bits.png",
+                 "weights.png"):
+        assert (digits_run / name).is_file(), name
+    plan = load_plan(digits_run / "plan.json")
+    assert plan["schema"] == "hwsearch.plan/v1" and plan["model"] == "resnet20"
+    assert plan["totals"]["bitops"] <= 40e6
+    assert json.loads((digits_run / "metrics.json").read_text())["status"] == "complete"
+    first, last = plan["layers"][0], plan["layers"][-1]
+    assert (first["weight_bits"], first["act_bits"], last["weight_bits"], last["act_bits"]) == (8, 8, 8, 8)
+
+
+def test_run_then_apply_round_trips(digits_run, capsys):
+    plan = load_plan(digits_run / "plan.json")
+    out = digits_run.parent / "verify"
+    capsys.readouterr()
+    assert main(["apply", str(digits_run / "plan.json"), "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "verify.json").read_text())
+    # Same checkpoint, seed, data order and recipe; apply trains at the plan's bits from step 0
+    # while the run spent 80% of its steps at continuous bits. On 360 test digits one image is
+    # 0.28 points and the binomial s.e. at 97% is ~0.9 points; 4 points covers two such runs.
+    assert result["top1"] == pytest.approx(plan["metrics"]["top1"], abs=0.04)
+    assert "re-trained top-1" in capsys.readouterr().out
+
+
+def test_apply_quantizes_the_plans_layers_at_the_plans_bits(digits_run):
+    from hwsearch.models import create_model
+    from hwsearch.run import apply_plan
+
+    plan = load_plan(digits_run / "plan.json")
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    layers = apply_plan(model, plan)
+    by_name = {layer["name"]: layer for layer in plan["layers"]}
+    assert set(layers) == set(by_name)
+    for name, m in layers.items():
+        assert m.bits() == (by_name[name]["weight_bits"], by_name[name]["act_bits"])
+
+
+def _edit(plan_path, tmp_path, fn):
+    plan = json.loads(plan_path.read_text())
+    fn(plan)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda p: p.update(schema="hwsearch.plan/v0"), "field schema"),
+    (lambda p: p["layers"][3].update(weight_bits=40), "field layers/3/weight_bits"),
+    (lambda p: p["totals"].update(bitops=1.0), "field totals/bitops"),
+    (lambda p: p["layers"].pop(4), "field totals/macs"),
+    (lambda p: p.pop("metrics"), "'metrics' is a required property"),
+])
+def test_bad_plans_name_the_field(digits_run, tmp_path, edit, needle, capsys):
+    path = _edit(digits_run / "plan.json", tmp_path, edit)
+    with pytest.raises(PlanError, match=needle):
+        load_plan(path)
+    assert main(["apply", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle.split()[-1] in err[0]
+
+
+def test_plan_missing_a_layer_or_for_another_model_is_refused(digits_run, tmp_path, capsys):
+    def drop_layer(p):
+        gone = p["layers"].pop(5)
+        for key in ("macs", "bitops", "weight_bytes"):
+            p["totals"][key] -= gone[key]
+    path = _edit(digits_run / "plan.json", tmp_path, drop_layer)
+    assert main(["apply", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "missing layers" in err and "layer1.2.conv1" in err
+    path = _edit(digits_run / "plan.json", tmp_path, lambda p: p.update(model="vgg11_bn"))
+    assert main(["apply", str(path), "--quiet"]) == 2
+    assert "vgg11_bn" in capsys.readouterr().err
+
+
+def _distance_to_levels(model):
+    ds = []
+    for m in quant_layers(model).values():
+        if m.quantize_input:
+            with torch.no_grad():
+                t = m.quantizer.normalize(m.weight, m.w_scale.abs() + 1e-8) / m.quantizer.step(m.w_beta)
+                ds.append(float((t - t.round()).abs().mean()))
+    return sum(ds) / len(ds)
+
+
+def test_regularizer_leaves_weights_closer_to_their_levels(monkeypatch):
+    import hwsearch.run as run_module
+
+    seen = {}
+    original = run_module.evaluate
+
+    def spy(model, data, *a, **k):
+        seen["distance"] = _distance_to_levels(model)
+        return original(model, data, *a, **k)
+
+    monkeypatch.setattr(run_module, "evaluate", spy)
+    distances = {}
+    for lam in (0.0, 10.0):
+        run(RunConfig(fixed_bits=3, lambda_w=lam, fp32_epochs=8, epochs=8, seed=1))
+        distances[lam] = seen["distance"]
+    # Uniformly spread weights sit 0.25 of a step from a level on average.
+    assert distances[0.0] > 0.15
+    assert distances[10.0] < 0.5 * distances[0.0]
+
+
+def test_infeasible_budget_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(InfeasibleBudget, match="minimum attainable"):
+        prepare(RunConfig(budgets={"bitops": 1e5}))
+    assert main(["run", "--budget-bitops", "100K", "--out", str(tmp_path / "r"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "minimum attainable" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("text", "value"), [("0.5G", 5e8), ("300M", 3e8), ("40KB", 4e4), ("1e9", 1e9), ("12", 12.0)])
+def test_budget_quantities_parse(text, value):
+    assert parse_quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "0", "1.5X", "", "nan"])
+def test_bad_budgets_are_refused(text, tmp_path, capsys):
+    assert main(["run", "--budget-bitops", text, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--budget-bitops" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_stops_naming_the_step_and_writes_no_plan(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nanmodel.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes=10, in_channels=1):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)\n"
+        "        self.mid = nn.Conv2d(8, 8, 3, padding=1)\n"
+        "        self.fc = nn.Linear(8, num_classes)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, x):\n"
+        "        self.calls += 1\n"
+        "        x = self.mid(torch.relu(self.conv(x)))\n"
+        "        out = self.fc(x.mean((2, 3)))\n"
+        "        return out * float('nan') if self.training and self.calls > 30 else out\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "r"
+    assert main(["run", "--model", "nanmodel:Net", "--out", str(out), "--fp32-epochs", "1", "--epochs", "4",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite at step" in err and "no plan was written" in err
+    assert not (out / "plan.json").exists()
+    assert json.loads((out / "metrics.json").read_text())["status"].startswith("failed")
+
+
+def test_ctrl_c_keeps_what_finished_and_writes_no_plan(tmp_path, monkeypatch, capsys):
+    import hwsearch.run as run_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_train_quantized", interrupted)
+    out = tmp_path / "r"
+    assert main(["run", "--out", str(out), *FAST]) == 130
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and math.isfinite(metrics["fp32_top1"])
+    assert not (out / "plan.json").exists() and (out / "config.json").exists()
+    assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_run_on_cuda(tmp_path):
+    result = run(RunConfig(device="cuda", fp32_epochs=2, epochs=2, budgets={"bitops": 4e7}), out=tmp_path / "r")
+    assert result.plan["totals"]["bitops"] <= 4e7

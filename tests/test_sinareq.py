@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from hwsearch.quant import WRPN, DoReFa, _PactQuant
+from hwsearch.sinareq import regularizer, strength
+
+
+def _dorefa_weights_at(u: torch.Tensor, m: float = math.tanh(1.0)) -> torch.Tensor:
+    """Weights whose DoReFa-normalized values are ``u`` (the largest |tanh w| is m, at u = 1)."""
+    w = torch.atanh((2 * u - 1) * m)
+    return torch.cat([w, torch.tensor([1.0], dtype=u.dtype)])  # anchors max|tanh w| = m
+
+
+def _levels(q, bits):
+    delta = float(q.step(torch.tensor(float(bits), dtype=torch.float64)))
+    lo = -1.0 if isinstance(q, WRPN) else 0.0
+    n = round((1 - lo) / delta)
+    return torch.tensor([lo + k * delta for k in range(n + 1)], dtype=torch.float64), delta
+
+
+def _weights_at(q, u, scale):
+    return _dorefa_weights_at(u) if isinstance(q, DoReFa) else u * scale
+
+
+@pytest.mark.parametrize("q", [DoReFa(), WRPN()], ids=["dorefa", "wrpn"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_regularizer_is_zero_on_every_level_and_positive_between(q, bits):
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    beta = torch.tensor(float(bits), dtype=torch.float64)
+    levels, delta = _levels(q, bits)
+    w_on = _weights_at(q, levels, scale)
+    assert float(regularizer(w_on, beta, scale, q)) < 1e-12  # sin(pi k) in float64
+    # The grid is the quantizer's own: weights on the zeros are left unchanged by quantization.
+    w_hat, _ = q.quantize(w_on, beta, scale)
+    q_grid = w_hat / scale if isinstance(q, WRPN) else (w_hat / scale + 1) / 2
+    assert torch.allclose(q_grid, q.normalize(w_on, scale), atol=1e-9)
+    mids = (levels[:-1] + levels[1:]) / 2
+    for mid in mids:
+        w_mid = _weights_at(q, mid.reshape(1), scale)
+        assert float(regularizer(w_mid, beta, scale, q)) > 1e-3 / 2 ** bits
+
+
+@pytest.mark.parametrize("q", [DoReFa(), WRPN()], ids=["dorefa", "wrpn"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_regularizer_gradient_points_to_the_nearest_level(q, bits):
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    beta = torch.tensor(float(bits), dtype=torch.float64)
+    levels, delta = _levels(q, bits)
+    for level in levels[1:-1]:
+        for offset in (-0.3 * delta, -0.1 * delta, 0.1 * delta, 0.3 * delta):
+            u = (level + offset).reshape(1)
+            w = _weights_at(q, u, scale).clone().requires_grad_(True)
+            regularizer(w, beta, scale, q).backward()
+            step = -w.grad[0]  # gradient descent moves w this way; u grows with w for both quantizers
+            assert torch.sign(step) == -torch.sign(torch.tensor(offset)), (float(level), offset)
+
+
+def test_wrpn_and_dorefa_grids_differ_and_match_their_quantizers():
+    # DoReFa at 2 bits: 4 levels on [0, 1]; WRPN at 2 bits: 3 symmetric levels {-1, 0, 1}.
+    assert _levels(DoReFa(), 2)[0].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert _levels(WRPN(), 2)[0].tolist() == pytest.approx([-1, 0, 1])
+    w = torch.linspace(-2, 2, 101, dtype=torch.float64)
+    w_hat, _ = WRPN().quantize(w, torch.tensor(2.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    assert set(w_hat.tolist()) == {-1.0, 0.0, 1.0}
+
+
+def test_schedule_switches_on_smoothly():
+    total = 1000
+    assert strength(0, total) < 1e-3
+    assert strength(200, total) == pytest.approx(0.5)
+    assert strength(500, total) > 0.999
+    values = [strength(t, total) for t in range(0, total, 10)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_custom_backward_matches_autograd(signed):
+    torch.manual_seed(0)
+    x = torch.randn(200, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(3.4, dtype=torch.float64, requires_grad=True)
+
+    def reference(x, a, b):
+        lo = -a if signed else torch.zeros_like(a)
+        d = (a - lo) / (2 ** b - 1)
+        t = (torch.maximum(torch.minimum(x, a), lo) - lo) / d
+        return lo + d * (t + (torch.round(t) - t).detach())
+
+    g = torch.randn(200, dtype=torch.float64)
+    ours = torch.autograd.grad((_PactQuant.apply(x, alpha, beta, signed) * g).sum(), (x, alpha, beta))
+    ref = torch.autograd.grad((reference(x, alpha, beta) * g).sum(), (x, alpha, beta))
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b)
+    assert torch.equal(_PactQuant.apply(x, alpha, beta, signed), reference(x, alpha, beta))
