@@ -43,7 +43,10 @@ def main() -> int:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         crop = getattr(weights.transforms(), "crop_size", [224])
         size = crop[0] if isinstance(crop, (list, tuple)) else int(crop)
-        model = torchvision.models.get_model(name)
+        try:  # models with a fixed image size (ViT) must be built at the weights' size
+            model = torchvision.models.get_model(name, image_size=size) if size != 224 else torchvision.models.get_model(name)
+        except TypeError:
+            model = torchvision.models.get_model(name)
         t0 = time.perf_counter()
         table = profile(model, (1, 3, size, size), strict=False)
         seconds = time.perf_counter() - t0

@@ -102,6 +102,18 @@ def _sdpa_handle(inputs: list[Any], outputs: list[Any]) -> int:
     return batch * length * source * (emb + emb_v)
 
 
+def _native_mha_handle(inputs: list[Any], outputs: list[Any]) -> Counter:
+    # Fused nn.MultiheadAttention (inference fast path): projections are weight MACs, the two
+    # attention products pair activations. query (B, L, E), key/value (B, S, E).
+    q, k = _shape(inputs[0]), _shape(inputs[1])
+    if q is None or k is None:
+        raise UncountedOpsError("_native_multi_head_attention with unknown shapes")
+    batch, length, emb = prod(q[:-2]), q[-2], q[-1]
+    source = k[-2]
+    weight = batch * length * emb * emb * 2 + batch * source * emb * emb * 2  # q and out; k and v
+    return Counter({"linear": weight, "scaled_dot_product_attention": batch * length * source * emb * 2})
+
+
 def _baddbmm_handle(inputs: list[Any], outputs: list[Any]) -> int:
     a, b = _shape(inputs[1]), _shape(inputs[2])
     return prod(a) * b[-1]
@@ -110,6 +122,7 @@ def _baddbmm_handle(inputs: list[Any], outputs: list[Any]) -> int:
 _EXTRA_HANDLES = {
     "aten::scaled_dot_product_attention": _sdpa_handle,
     "aten::baddbmm": _baddbmm_handle,
+    "aten::_native_multi_head_attention": _native_mha_handle,
 }
 
 

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from cost_models import UncountedOpsError
 
     from .data import DatasetUnavailable
+    from .search import SearchError
 
     parser = build_parser()
     try:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"hwsearch: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, UncountedOpsError, DatasetUnavailable, FileNotFoundError) as exc:
+    except (ValueError, UncountedOpsError, DatasetUnavailable, FileNotFoundError, SearchError) as exc:
         print(f"hwsearch: error: {exc}", file=sys.stderr)
         return 2
     except KeyError as exc:

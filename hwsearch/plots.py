@@ -14,14 +14,19 @@ __all__ = ["bits_frame", "plot_bits", "plot_curves", "plot_weight_histogram", "s
 
 
 def _axes(ax, **kw):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    """The given axes, or new ones from pyplot (the active backend: inline in a notebook)."""
     if ax is None:
+        import matplotlib.pyplot as plt
+
         _, ax = plt.subplots(**kw)
     return ax
+
+
+def new_figure(**kw):
+    """A figure outside pyplot, for writing files: no backend is chosen or changed."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kw)
 
 
 def bits_frame(plan: dict) -> pd.DataFrame:
@@ -46,10 +51,9 @@ def plot_bits(plan: dict, ax=None):
 
 def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None):
     """Task loss, average learned bits, and cost over budget, against step."""
-    import matplotlib.pyplot as plt
-
     if axes is None:
-        _axes(None)
+        import matplotlib.pyplot as plt
+
         _, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     h = history.copy()
     h["global_step"] = range(1, len(h) + 1)
@@ -86,31 +90,28 @@ def plot_weight_histogram(u_before, u_after, levels, title: str, ax=None):
 
 
 def save_run_plots(run_dir: Path, plan, history, layers, hist_layer, u_before, config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
 
     if history:
-        axes = plot_curves(pd.DataFrame(history), next(iter(config.budgets), None))
-        axes[0].figure.tight_layout()
-        axes[0].figure.savefig(run_dir / "curves.png", dpi=110)
-        plt.close(axes[0].figure)
-    ax = plot_bits(plan)
-    ax.figure.tight_layout()
-    ax.figure.savefig(run_dir / "bits.png", dpi=110)
-    plt.close(ax.figure)
+        fig = new_figure(figsize=(13, 3.2))
+        plot_curves(pd.DataFrame(history), next(iter(config.budgets), None), axes=fig.subplots(1, 3))
+        fig.tight_layout()
+        fig.savefig(run_dir / "curves.png", dpi=110)
+    fig = new_figure(figsize=(max(6, 0.35 * len(plan["layers"])), 3.5))
+    plot_bits(plan, ax=fig.subplots())
+    fig.tight_layout()
+    fig.savefig(run_dir / "bits.png", dpi=110)
     if hist_layer:
         m = layers[hist_layer]
         with torch.no_grad():
             u_after = m.quantizer.normalize(m.weight, m.w_scale.abs() + 1e-8).flatten().cpu().tolist()
             bits = int(round(float(m.w_beta)))
-            delta = float(m.quantizer.step(torch.tensor(float(bits))))
+            delta = float(m.quantizer.step(torch.tensor(float(bits), dtype=torch.float64)))
         lo = -1.0 if m.quantizer.name == "wrpn" else 0.0
         n = round((1.0 - lo) / delta)
         levels = [lo + k * delta for k in range(n + 1)]
-        ax = plot_weight_histogram(u_before, u_after, levels, f"{hist_layer} at {bits} bits ({m.quantizer.name})")
-        ax.figure.tight_layout()
-        ax.figure.savefig(run_dir / "weights.png", dpi=110)
-        plt.close(ax.figure)
+        fig = new_figure(figsize=(7, 3.2))
+        plot_weight_histogram(u_before, u_after, levels, f"{hist_layer} at {bits} bits ({m.quantizer.name})",
+                              ax=fig.subplots())
+        fig.tight_layout()
+        fig.savefig(run_dir / "weights.png", dpi=110)

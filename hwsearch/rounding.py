@@ -32,6 +32,10 @@ class BitSpace:
     b_max: int = 8
 
 
+def _clip(bits: Sequence[float], space: BitSpace) -> list[float]:
+    return [min(max(float(b), 1.0), 32.0) for b in bits]
+
+
 def minimum_cost(table: LayerTable, w_bits, a_bits, space: BitSpace, model: CostModel) -> float:
     """Cost with every free bit at ``b_min`` and fixed bits as given."""
     w = [space.b_min if f else b for b, f in zip(w_bits, space.free_w)]
@@ -79,7 +83,7 @@ def project_to_budgets(table: LayerTable, w_bits: Sequence[float], a_bits: Seque
 
     def fits(k: int, i: int, wb: int, ab: int, wi: int, ai: int) -> bool:
         new = total(k) - layer_cost(k, i, wi, ai) + layer_cost(k, i, wb, ab)
-        return new <= budgets[k][1] * (1 - 1e-12)
+        return new <= caps[k]
 
     while True:
         violated = [k for k, (_, budget) in enumerate(budgets) if total(k) > budget * (1 + 1e-12)]
@@ -104,8 +108,10 @@ def project_to_budgets(table: LayerTable, w_bits: Sequence[float], a_bits: Seque
         kind, i = best
         (w if kind == "w" else a)[i] -= 1
     if budgets:
-        # Spend what rounding left unused: raise bits that were rounded down (never above the
-        # learned ceiling or b_max), most noise removed per unit of relative cost first.
+        # Give back what rounding took: raise bits that were rounded down (never above the learned
+        # ceiling or b_max) while every cost stays within both its budget and the cost of the
+        # continuous bits, so a plan lands where training left it rather than at the cap.
+        caps = [min(b, m(table, _clip(w_bits, space), _clip(a_bits, space))) for m, b in budgets]
         ceil_w = [min(math.ceil(float(b) - 1e-9), space.b_max) for b in w_bits]
         ceil_a = [min(math.ceil(float(b) - 1e-9), space.b_max) for b in a_bits]
         while True:

@@ -82,6 +82,10 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     gen = torch.Generator(device=data.device).manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
+    # On CUDA: bf16 autocast and channels-last convolutions (tensor cores); CPU stays FP32.
+    cuda = data.device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
     first_bad = torch.full((), -1, device=data.device, dtype=torch.long)
     running = {}
     step = 0
@@ -89,10 +93,14 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     try:
         for _ in range(epochs):
             for x, y in data.train_batches(batch_size, gen):
-                loss = F.cross_entropy(model(x), y)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                    loss = F.cross_entropy(model(x), y)
                 logs = {"task_loss": loss.detach()}
                 if hook and hook.loss:
                     extra, extra_logs = hook.loss(step, total)
+                    extra = extra.float()
                     loss = loss + extra
                     logs.update(extra_logs)
                 # Record the first non-finite step on the device; checked at logging points only.

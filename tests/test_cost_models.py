@@ -197,3 +197,13 @@ def test_lut_rejects_bad_files_and_missing_layers(tmp_path):
     assert lut(one, [4], [4]) == 1.0
     with pytest.raises(ValueError, match="w_bits=3"):
         lut(one, [3], [4])
+
+
+def test_fused_attention_fast_path_counts_the_same_as_the_slow_path():
+    import torchvision
+
+    model = torchvision.models.vit_b_32().eval()
+    slow = profile(model, (1, 3, 224, 224))
+    with torch.no_grad():  # nn.MultiheadAttention takes aten::_native_multi_head_attention here
+        fast = profile(model, (1, 3, 224, 224))
+    assert [(layer.name, layer.macs) for layer in fast.layers] == [(layer.name, layer.macs) for layer in slow.layers]

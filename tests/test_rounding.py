@@ -56,14 +56,15 @@ def test_budget_below_minimum_is_refused_naming_the_minimum():
     assert project_to_budgets(table, [8, 8], [8, 8], space, [(get_cost_model("bitops"), minimum)]) == ([8, 2], [8, 2])
 
 
-def test_rounding_keeps_learned_bits_and_spends_slack_only_up_to_the_learned_ceiling():
-    table = LayerTable((Layer("a", "Conv2d", 100, 10), Layer("b", "Conv2d", 300, 10)), (1, 1, 4, 4))
+def test_rounding_keeps_learned_bits_and_gives_back_only_what_rounding_took():
+    table = LayerTable((Layer("a", "Conv2d", 100, 10), Layer("b", "Conv2d", 10, 10)), (1, 1, 4, 4))
     space = BitSpace([True, True], [True, True], 2, 8)
-    assert project_to_budgets(table, [3.2, 5.6], [4.4, 2.1], space, []) == ([3, 6], [4, 2])
-    # An ample budget lets rounded-down bits go up to their ceiling, never beyond.
-    w, a = project_to_budgets(table, [3.2, 5.6], [4.4, 2.1], space, [(get_cost_model("bitops"), 1e9)])
-    assert (w, a) == ([4, 6], [5, 3])
-    # A tight budget: exactly the rounded plan's cost leaves nothing to spend.
-    tight = 100 * 3 * 4 + 300 * 6 * 2
-    assert project_to_budgets(table, [3.2, 5.6], [4.4, 2.1], space, [(get_cost_model("bitops"), tight)]) == \
-        ([3, 6], [4, 2])
+    bitops = get_cost_model("bitops")
+    assert project_to_budgets(table, [5.45, 3.4], [4, 4], space, []) == ([5, 3], [4, 4])
+    # Continuous cost 2316; rounded 2120. Raising b's weights (+40) fits under the continuous
+    # cost, raising a's (+400) does not: the plan lands where training left it, not at the cap.
+    w, a = project_to_budgets(table, [5.45, 3.4], [4, 4], space, [(bitops, 1e9)])
+    assert (w, a) == ([5, 4], [4, 4])
+    assert bitops(table, w, a) <= bitops(table, [5.45, 3.4], [4, 4])
+    # A budget below the continuous cost caps the give-back instead.
+    assert project_to_budgets(table, [5.45, 3.4], [4, 4], space, [(bitops, 2130)]) == ([5, 3], [4, 4])

@@ -1,0 +1,103 @@
+"""CLI handlers for `hwsearch search` and `hwsearch pareto`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cli_train import add_run_arguments, config_from_args
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _cmd_search(args) -> int:
+    from .pareto import write_pareto
+    from .search import SearchConfig, search
+
+    base = config_from_args(args)
+    objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
+    config = SearchConfig(base=base, trials=args.trials, objectives=objectives, sampler=args.sampler,
+                          seed=args.sampler_seed, storage=args.storage, study_name=args.study,
+                          learn_act_bits=not args.sample_act_bits, heartbeat_s=args.heartbeat,
+                          grace_s=args.grace, baselines=not args.no_baselines)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{args.model}-{args.dataset}-{args.study}")[:80]
+    out = Path(args.out) if args.out else Path("runs") / f"search-{safe}"
+    result = search(config, out=out, progress=not args.quiet)
+    summary = write_pareto(result.study, out)
+    print(f"study        {args.study}: {result.completed} finished trials ({len(result.ran_here)} run by this worker)")
+    print(f"front        {summary['front_size']} plans; hypervolume {summary['hypervolume'] or 0:.4f} "
+          f"(uniform baselines {summary['baseline_hypervolume'] or 0:.4f})")
+    print(f"results      {out}/front.csv, {out}/pareto.png")
+    return 0
+
+
+def _cmd_pareto(args) -> int:
+    import optuna
+
+    from .pareto import write_pareto
+    from .search import SearchError
+
+    storage, study_name = args.storage, args.study
+    if args.run_dir:
+        meta_path = Path(args.run_dir) / "search.json"
+        if not meta_path.is_file():
+            raise ValueError(f"pareto: {args.run_dir} holds no search.json; give a search run directory "
+                             f"or --storage URL --study NAME")
+        meta = json.loads(meta_path.read_text())
+        storage = storage or meta["storage"]
+        study_name = study_name or meta["study"]
+        if "***" in storage:
+            raise ValueError("pareto: this run used a password-protected storage; pass --storage URL --study NAME")
+    if not storage or not study_name:
+        raise ValueError("pareto: give RUN_DIR, or --storage URL and --study NAME")
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        raise SearchError(f"pareto: no study {study_name!r} in that storage") from None
+    except Exception as exc:
+        raise SearchError(f"pareto: storage cannot be reached: {str(exc).splitlines()[0]}") from None
+    out = Path(args.out or args.run_dir or f"runs/pareto-{study_name}")
+    summary = write_pareto(study, out, export_plans=args.export_plans)
+    print(f"front        {summary['front_size']} of {summary['completed']} finished trials")
+    if summary["hypervolume"] is not None:
+        print(f"hypervolume  {summary['hypervolume']:.4f} (uniform baselines {summary['baseline_hypervolume']:.4f}; "
+              f"reference {summary['reference_point']})")
+    print(f"results      {out}/front.csv, {out}/front.json, {out}/pareto.png")
+    if args.export_plans:
+        print(f"plans        {args.export_plans}/")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("search", help="Optuna multi-objective search: top-1 against hardware cost")
+    add_run_arguments(p)
+    p.add_argument("--trials", type=_positive_int, default=16, help="finished trials the study must hold")
+    p.add_argument("--objectives", default="bitops", help="costs to minimize, comma-separated (e.g. bitops,memory)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe")
+    p.add_argument("--sampler-seed", type=int, default=0)
+    p.add_argument("--storage", help="SQLAlchemy URL, e.g. postgresql://user:pw@host/db (default: DIR/study.db)")
+    p.add_argument("--study", default="hwsearch", help="study name (workers sharing a storage join by name)")
+    p.add_argument("--sample-act-bits", action="store_true", help="sample uniform activation bits per trial "
+                   "instead of learning them")
+    p.add_argument("--heartbeat", type=_positive_int, default=10, help="seconds between a trial's heartbeats")
+    p.add_argument("--grace", type=_positive_int, default=30, help="seconds after which a silent trial is retried")
+    p.add_argument("--no-baselines", action="store_true", help="skip the uniform W/A 2,3,4,8 baselines")
+    p.set_defaults(handler=_cmd_search)
+
+    p = sub.add_parser("pareto", help="Pareto front, hypervolume and plots from a stored study")
+    p.add_argument("run_dir", nargs="?", help="a search run directory")
+    p.add_argument("--storage")
+    p.add_argument("--study")
+    p.add_argument("--out", help="output directory (default: RUN_DIR)")
+    p.add_argument("--export-plans", help="write each front plan as a hwsearch.plan/v1 file here")
+    p.set_defaults(handler=_cmd_pareto)

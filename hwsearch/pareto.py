@@ -1,0 +1,217 @@
+"""Pareto front, hypervolume and pictures from stored trials alone.
+
+Computing (``trials_frame``, ``pareto_mask``, ``hypervolume``, ``front``) is kept apart from
+drawing (``plot_front``, ``plot_hypervolume_history``), which takes an optional ``ax``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["front", "hypervolume", "hypervolume_history", "load_run", "pareto_mask", "plot_front",
+           "plot_hypervolume_history", "reference_point", "trials_frame", "write_pareto"]
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Non-dominated rows of ``points`` (all objectives minimized). Duplicates are all kept."""
+    pts = np.asarray(points, dtype=float)
+    n = len(pts)
+    mask = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = np.all(pts <= pts[i], axis=1) & np.any(pts < pts[i], axis=1)
+        mask[i] = not dominated.any()
+    return mask
+
+
+def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
+    """Volume dominated by ``points`` and bounded by ``ref`` (all objectives minimized).
+
+    Exact: a sweep in 2-D, recursive slicing (HSO) in more dimensions. Points not strictly
+    better than ``ref`` in every objective contribute nothing.
+    """
+    pts = np.asarray(points, dtype=float).reshape(-1, len(ref))
+    ref = np.asarray(ref, dtype=float)
+    pts = pts[np.all(pts < ref, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    pts = pts[pareto_mask(pts)]
+    if pts.shape[1] == 1:
+        return float(ref[0] - pts[:, 0].min())
+    if pts.shape[1] == 2:
+        pts = pts[np.argsort(pts[:, 0])]
+        volume, best_y = 0.0, ref[1]
+        for x, y in pts:
+            if y < best_y:
+                volume += (ref[0] - x) * (best_y - y)
+                best_y = y
+        return float(volume)
+    # Slice along the last objective.
+    order = np.argsort(pts[:, -1])
+    pts = pts[order]
+    volume = 0.0
+    for i in range(len(pts)):
+        upper = pts[i + 1, -1] if i + 1 < len(pts) else ref[-1]
+        depth = upper - pts[i, -1]
+        if depth > 0:
+            volume += depth * hypervolume(pts[: i + 1, :-1], ref[:-1])
+    return float(volume)
+
+
+def trials_frame(study) -> pd.DataFrame:
+    """One row per trial: number, state, objective values, parameters, plan (JSON text)."""
+    names = study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(study.directions))]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name}
+        values = t.values or [np.nan] * len(names)
+        row.update(dict(zip(names, values)))
+        row.update({f"param_{k}": v for k, v in t.params.items()})
+        row["plan"] = json.dumps(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def baselines_frame(study) -> pd.DataFrame:
+    names = study.user_attrs.get("objectives", [])
+    rows = [{"label": b["label"], **dict(zip(names, b["values"]))} for b in study.user_attrs.get("baselines", [])]
+    if "fp32" in study.user_attrs:
+        rows.append({"label": "FP32", **dict(zip(names, study.user_attrs["fp32"]["values"]))})
+    return pd.DataFrame(rows)
+
+
+def _minimized(df: pd.DataFrame, objectives: list[str]) -> np.ndarray:
+    """Objectives as minimization: top-1 error and the costs."""
+    cols = [1.0 - df[objectives[0]].to_numpy(float)] + [df[c].to_numpy(float) for c in objectives[1:]]
+    return np.stack(cols, axis=1)
+
+
+def reference_point(baselines: pd.DataFrame, objectives: list[str]) -> dict:
+    """Top-1 error 1.0 and, for each cost, the uniform W8A8 baseline's cost: a plan that costs more
+    than 8-bit everywhere adds nothing."""
+    ref = {objectives[0]: 0.0}
+    w8 = baselines[baselines["label"] == "W8A8"]
+    for c in objectives[1:]:
+        ref[c] = float(w8[c].iloc[0]) if len(w8) else float(baselines[c].max())
+    return ref
+
+
+def front(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=objectives)
+    if done.empty:
+        return done
+    mask = pareto_mask(_minimized(done, objectives))
+    return done[mask].sort_values(objectives[1])
+
+
+def _hv(df: pd.DataFrame, objectives: list[str], ref: dict) -> float:
+    if df.empty:
+        return 0.0
+    pts = _minimized(df, objectives)
+    ref_vec = np.array([1.0 - ref[objectives[0]]] + [ref[c] for c in objectives[1:]])
+    scale = np.array([1.0] + [ref[c] for c in objectives[1:]])  # costs normalized by the reference
+    return hypervolume(pts / scale, ref_vec / scale)
+
+
+def hypervolume_history(trials: pd.DataFrame, objectives: list[str], ref: dict) -> pd.DataFrame:
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=objectives).sort_values("number")
+    return pd.DataFrame([{"trials": k, "hypervolume": _hv(done.iloc[:k], objectives, ref)}
+                         for k in range(1, len(done) + 1)])
+
+
+def plot_front(trials: pd.DataFrame, baselines: pd.DataFrame, objectives: list[str], ax=None):
+    """All trials, the front, the uniform baselines and FP32: top-1 against the first cost."""
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(7, 4.5))
+    acc, cost = objectives[0], objectives[1]
+    done = trials[trials["state"] == "COMPLETE"]
+    ax.scatter(done[cost], done[acc], s=18, color="0.6", label="trials")
+    f = front(trials, objectives)
+    ax.plot(f[cost], f[acc], "o-", color="C0", label="Pareto front")
+    if not baselines.empty:
+        b = baselines[baselines["label"] != "FP32"]
+        ax.plot(b[cost], b[acc], "s--", color="C1", label="uniform W/A")
+        for _, row in b.iterrows():
+            ax.annotate(row["label"], (row[cost], row[acc]), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        fp = baselines[baselines["label"] == "FP32"]
+        ax.plot(fp[cost], fp[acc], "*", ms=12, color="C3", label="FP32")
+    ax.set_xscale("log")
+    ax.set_xlabel(cost)
+    ax.set_ylabel("top-1")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_hypervolume_history(history: pd.DataFrame, ax=None):
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(history["trials"], history["hypervolume"], "o-")
+    ax.set_xlabel("finished trials")
+    ax.set_ylabel("hypervolume")
+    return ax
+
+
+def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Trials, baselines and objective names from a directory written by ``write_pareto`` (or a
+    trials CSV beside a ``baselines.csv``)."""
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    trials = pd.read_csv(directory / "trials.csv" if path.is_dir() else path)
+    base_path = directory / "baselines.csv"
+    baselines = pd.read_csv(base_path) if base_path.exists() else pd.DataFrame()
+    meta = directory / "front.json"
+    objectives = json.loads(meta.read_text())["objectives"] if meta.exists() else \
+        [c for c in trials.columns if c == "top1"] + [c for c in trials.columns
+                                                      if c not in ("number", "state", "plan", "top1")
+                                                      and not c.startswith("param_")]
+    return trials, baselines, objectives
+
+
+def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = None) -> dict:
+    """Write trials.csv, baselines.csv, front.csv, front.json (with the hypervolume and its
+    reference point), pareto.png and hypervolume.png. Returns the summary dict."""
+    from .plan import save_plan
+    from .plots import new_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    objectives = study.user_attrs.get("objectives")
+    trials = trials_frame(study)
+    baselines = baselines_frame(study)
+    f = front(trials, objectives) if not trials.empty else trials
+    ref = reference_point(baselines, objectives) if not baselines.empty else None
+    summary = {"study": study.study_name, "objectives": objectives,
+               "completed": int((trials["state"] == "COMPLETE").sum()) if not trials.empty else 0,
+               "front_size": len(f), "reference_point": ref,
+               "hypervolume": _hv(f, objectives, ref) if ref else None,
+               "baseline_hypervolume": _hv(baselines[baselines.label != "FP32"], objectives, ref) if ref else None,
+               "hypervolume_note": "objectives as minimization (1 - top1, cost / reference cost); "
+                                   "reference: top-1 0 and the uniform W8A8 cost",
+               "front": [{k: v for k, v in row.items() if k != "plan"} for row in f.to_dict("records")]}
+    trials.to_csv(out / "trials.csv", index=False)
+    baselines.to_csv(out / "baselines.csv", index=False)
+    f.drop(columns=["plan"], errors="ignore").to_csv(out / "front.csv", index=False)
+    (out / "front.json").write_text(json.dumps(summary, indent=1, default=float))
+    if not trials.empty and len(objectives) >= 2:
+        fig = new_figure(figsize=(7, 4.5))
+        ax = plot_front(trials, baselines, objectives, ax=fig.subplots())
+        ax.set_title(f"{study.study_name}: hypervolume {summary['hypervolume'] or 0:.4f}")
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=110)
+        if ref:
+            fig = new_figure(figsize=(5, 3))
+            plot_hypervolume_history(hypervolume_history(trials, objectives, ref), ax=fig.subplots())
+            fig.tight_layout()
+            fig.savefig(out / "hypervolume.png", dpi=110)
+    if export_plans:
+        for _, row in f.iterrows():
+            if isinstance(row.get("plan"), str):
+                save_plan(json.loads(row["plan"]), Path(export_plans) / f"plan_trial{int(row['number']):04d}.json")
+    return summary

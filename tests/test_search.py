@@ -1,0 +1,235 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hwsearch.cli import main
+from hwsearch.config import RunConfig
+from hwsearch.pareto import hypervolume, pareto_mask
+from hwsearch.search import SearchConfig, SearchError, search
+
+PG_URL = os.environ.get("HWSEARCH_TEST_PG_URL")
+TINY = ["--max-train", "256", "--max-test", "120", "--fp32-epochs", "2", "--epochs", "2", "--batch-size", "64",
+        "--quiet"]
+
+
+def tiny_config(**kw) -> SearchConfig:
+    base = RunConfig(max_train=256, max_test=120, fp32_epochs=2, epochs=2, batch_size=64)
+    return SearchConfig(base=base, **kw)
+
+
+def _env(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _complete(storage: str, study: str) -> list:
+    s = optuna.load_study(study_name=study, storage=storage)
+    return [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory):
+    os.environ["HWSEARCH_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
+    out = tmp_path_factory.mktemp("search") / "s"
+    result = search(tiny_config(trials=3), out=out)
+    return out, result
+
+
+def test_sqlite_search_finishes_the_requested_trials_with_plans(tiny_search):
+    out, result = tiny_search
+    assert result.completed == 3 and (out / "study.db").exists()
+    complete = _complete(f"sqlite:///{out / 'study.db'}", "hwsearch")
+    assert len(complete) == 3
+    for t in complete:
+        plan = t.user_attrs["plan"]
+        assert plan["schema"] == "hwsearch.plan/v1" and t.values[0] == plan["metrics"]["top1"]
+        assert set(t.params) == {"lambda_w", "lambda_b", "lambda_c"}
+    study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
+    assert [b["label"] for b in study.user_attrs["baselines"]] == ["W2A2", "W3A3", "W4A4", "W8A8"]
+
+
+def test_search_resumes_and_never_touches_finished_trials(tiny_search, tmp_path):
+    out, _ = tiny_search
+    import shutil
+
+    copy = tmp_path / "s"
+    shutil.copytree(out, copy)
+    before = {t.number: (t.values, t.params) for t in _complete(f"sqlite:///{copy / 'study.db'}", "hwsearch")}
+    result = search(tiny_config(trials=4), out=copy)
+    after = {t.number: (t.values, t.params) for t in _complete(f"sqlite:///{copy / 'study.db'}", "hwsearch")}
+    assert result.completed == 4 and len(result.ran_here) == 1
+    assert {k: after[k] for k in before} == before
+
+
+def test_pareto_command_writes_front_plots_and_plans(tiny_search, tmp_path, capsys):
+    from hwsearch.plan import load_plan
+
+    out, _ = tiny_search
+    dest = tmp_path / "p"
+    assert main(["pareto", str(out), "--out", str(dest), "--export-plans", str(tmp_path / "plans")]) == 0
+    summary = json.loads((dest / "front.json").read_text())
+    assert summary["completed"] == 3 and summary["front_size"] >= 1
+    assert summary["reference_point"]["top1"] == 0.0 and summary["hypervolume"] >= 0
+    for name in ("trials.csv", "baselines.csv", "front.csv", "pareto.png", "hypervolume.png"):
+        assert (dest / name).exists(), name
+    plans = sorted((tmp_path / "plans").glob("*.json"))
+    assert len(plans) == summary["front_size"]
+    for p in plans:
+        load_plan(p)
+    assert "hypervolume" in capsys.readouterr().out
+
+
+def test_notebooks_execute_on_a_tiny_study(tiny_search, tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = tiny_search
+    dest = tmp_path / "p"
+    assert main(["pareto", str(out), "--out", str(dest)]) == 0
+    notebooks = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        os.environ["HWSEARCH_RUN_DIR"] = str(dest)
+        try:
+            NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        finally:
+            os.environ.pop("HWSEARCH_RUN_DIR")
+        outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+        assert not [o for o in outputs if o.get("output_type") == "error"]
+        assert any(o.get("output_type") == "display_data" for o in outputs), "no figure drawn"
+
+
+@st.composite
+def point_sets(draw):
+    k = draw(st.integers(2, 3))
+    n = draw(st.integers(1, 25))
+    return np.array(draw(st.lists(st.lists(st.integers(0, 6), min_size=k, max_size=k), min_size=n, max_size=n)),
+                    dtype=float)
+
+
+@settings(max_examples=200, deadline=None)
+@given(point_sets())
+def test_pareto_set_is_exactly_the_non_dominated_points(points):
+    mask = pareto_mask(points)
+    for i, p in enumerate(points):
+        dominated = any(np.all(q <= p) and np.any(q < p) for j, q in enumerate(points) if j != i)
+        assert mask[i] == (not dominated)
+
+
+def test_hypervolume_on_known_fronts():
+    ref = np.array([4.0, 4.0])
+    assert hypervolume(np.array([[1.0, 1.0]]), ref) == 9.0
+    assert hypervolume(np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]), ref) == 3 + 2 + 1
+    assert hypervolume(np.array([[1.0, 3.0], [2.0, 2.0], [2.5, 2.5]]), ref) == 3 + 2  # dominated point adds 0
+    assert hypervolume(np.array([[5.0, 1.0]]), ref) == 0.0  # beyond the reference
+    ref3 = np.array([2.0, 2.0, 2.0])
+    assert hypervolume(np.array([[1.0, 1.0, 1.0]]), ref3) == 1.0
+    assert hypervolume(np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]), ref3) == pytest.approx(2 + 2 - 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(point_sets())
+def test_hypervolume_matches_monte_carlo_free_grid_count(points):
+    # On integer points, the dominated volume equals the number of unit cells below the reference
+    # that some point dominates.
+    ref = np.full(points.shape[1], 7.0)
+    import itertools
+
+    cells = 0
+    for cell in itertools.product(range(7), repeat=points.shape[1]):
+        c = np.array(cell, dtype=float)
+        if any(np.all(p <= c) for p in points):
+            cells += 1
+    assert hypervolume(points, ref) == pytest.approx(cells)
+
+
+def test_trials_zero_is_refused(tmp_path, capsys):
+    assert main(["search", "--trials", "0", "--out", str(tmp_path / "s")]) == 2
+    assert "--trials" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_unreachable_storage_is_reported_and_nothing_is_created(tmp_path, capsys):
+    url = "postgresql://nobody:secret@127.0.0.1:9/nowhere"
+    assert main(["search", "--storage", url, "--out", str(tmp_path / "s"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and "secret" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_existing_study_with_other_objectives_is_refused(tiny_search):
+    out, _ = tiny_search
+    with pytest.raises(SearchError, match=r"objectives \['top1', 'bitops'\], not \['top1', 'bitops', 'memory'\]"):
+        search(tiny_config(trials=3, objectives=("bitops", "memory")), out=out)
+
+
+def _worker(storage: str, study: str, out: Path, trials: int, env) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "hwsearch", "search", "--storage", storage, "--study", study, "--trials", str(trials),
+           "--out", str(out), "--heartbeat", "1", "--grace", "5", "--no-baselines", *TINY]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_worker_killed_mid_trial_resumes_with_the_same_command(tmp_path):
+    env = _env(tmp_path)
+    out = tmp_path / "s"
+    storage = f"sqlite:///{out / 'study.db'}"
+    proc = _worker(storage, "killed", out, 3, env)
+    deadline = time.time() + 240
+    before = []
+    while time.time() < deadline:  # wait until one trial is done and the next is running
+        time.sleep(0.2)
+        if not (out / "study.db").exists():
+            continue
+        try:
+            s = optuna.load_study(study_name="killed", storage=storage)
+        except Exception:
+            continue
+        trials = s.get_trials(deepcopy=False)
+        if any(t.state.name == "COMPLETE" for t in trials) and any(t.state.name == "RUNNING" for t in trials):
+            time.sleep(0.5)
+            before = [t for t in s.get_trials() if t.state.name == "COMPLETE"]
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert before, "the worker never reached a second trial"
+    again = _worker(storage, "killed", out, 3, env)
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log
+    s = optuna.load_study(study_name="killed", storage=storage)
+    states = [t.state.name for t in s.get_trials()]
+    complete = {t.number: t for t in s.get_trials() if t.state.name == "COMPLETE"}
+    assert len(complete) == 3 and "FAIL" in states
+    for t in before:  # finished before the kill: still there, unchanged
+        assert complete[t.number].values == t.values and complete[t.number].params == t.params
+    retried = [t for t in complete.values() if "failed_trial" in t.system_attrs]
+    assert retried, "the killed trial was not run again"
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not PG_URL, reason="HWSEARCH_TEST_PG_URL not set (.ci/run starts a server)")
+def test_two_workers_on_postgresql_finish_exactly_the_requested_trials(tmp_path):
+    env = _env(tmp_path)
+    study = f"two-{uuid.uuid4().hex[:8]}"
+    procs = [_worker(PG_URL, study, tmp_path / f"w{i}", 5, env) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    s = optuna.load_study(study_name=study, storage=PG_URL)
+    trials = s.get_trials()
+    assert [t.state.name for t in trials].count("COMPLETE") == 5, ([t.state.name for t in trials], [t.user_attrs.get("error") for t in trials], logs)
+    assert len(trials) == 5, [t.state.name for t in trials]  # nothing extra, nothing failed
+    ran = [int(p.name) for i in range(2) for p in (tmp_path / f"w{i}" / "trials").glob("*")]
+    assert sorted(ran) == sorted(t.number for t in trials)  # each trial ran once, by one worker
+    assert all((tmp_path / f"w{i}" / "trials").exists() for i in range(2)), "one worker did everything"
