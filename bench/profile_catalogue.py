@@ -68,6 +68,12 @@ def main() -> int:
     times = time_resnet50()
     print(f"resnet50 profile at 1x3x224x224: {', '.join(f'{t:.2f}s' for t in times)} "
           f"(threads={torch.get_num_threads()})")
+    import json
+    import os
+
+    (out / "profile_catalogue_summary.json").write_text(json.dumps({
+        "models": len(df), "max_abs_rel_err": float(df.rel_err.abs().max()), "beyond_1pct_or_uncounted": len(bad),
+        "resnet50_profile_s": times, "cpus": os.cpu_count(), "threads": torch.get_num_threads()}, indent=1))
     return 1 if len(bad) else 0
 
 

@@ -70,6 +70,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     device = torch.device(args.device)
     data = synthetic(128 * args.steps, device)
@@ -91,6 +92,16 @@ def main() -> int:
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"ratio qat/fp32     = {results['qat'] / results['fp32']:.2f}")
     print(f"ratio sinareq/fp32 = {results['sinareq'] / results['fp32']:.2f}")
+    if args.out:
+        import json
+        from pathlib import Path
+
+        name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": 128,
+                                             "ms_per_step": {k: 1000 * v for k, v in results.items()},
+                                             "qat_ratio": results["qat"] / results["fp32"],
+                                             "sinareq_ratio": results["sinareq"] / results["fp32"]}, indent=1))
     return 0
 
 

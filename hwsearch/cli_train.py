@@ -49,6 +49,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--lambda-b", type=float, help="bit-pressure strength")
     p.add_argument("--lambda-c", type=float, help="budget-term strength")
     p.add_argument("--lr", type=float, help="max SGD learning rate while quantized")
+    p.add_argument("--lr-fp32", type=float, help="max SGD learning rate of the FP32 checkpoint")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-train", type=int, help="train on a fixed random subset of this size")
     p.add_argument("--max-test", type=int, help="test on a fixed random subset of this size")
@@ -75,7 +76,7 @@ def config_from_args(args, **overrides):
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
               "max_train": args.max_train, "max_test": args.max_test,
               "epochs": args.epochs or (30 if args.dataset == "digits" else 10)}
-    for name in ("fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "batch_size"):
+    for name in ("fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields.update(overrides)

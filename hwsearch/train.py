@@ -135,8 +135,9 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     return history
 
 
-def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int) -> Path:
-    key = json.dumps([model_name, data.name, len(data.y_train), len(data.y_test), epochs, seed])
+def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: float, batch_size: int) -> Path:
+    # Keyed by model, dataset (and subset), epochs and seed, and the recipe (lr, batch size).
+    key = json.dumps([model_name, data.name, len(data.y_train), len(data.y_test), epochs, seed, lr, batch_size])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in model_name)
     return cache_dir() / "checkpoints" / f"{safe}-{digest}.pt"
@@ -150,7 +151,7 @@ def fp32_checkpoint(model_name: str, model: nn.Module, data: TensorData, *, epoc
 
     Returns ``{"top1": float, "path": str, "cached": bool}``.
     """
-    path = _ckpt_path(model_name, data, epochs, seed)
+    path = _ckpt_path(model_name, data, epochs, seed, lr, batch_size)
     if path.exists():
         try:
             blob = torch.load(path, map_location=data.device, weights_only=True)

@@ -1,0 +1,202 @@
+"""Write BENCHMARKS.md from the committed result files alone (no number is typed by hand).
+
+    python bench/report.py [--results bench/results] [--out BENCHMARKS.md]
+
+Reads evidence-<preset>/ (bench/evidence.py), step_time_<device>.json (bench/step_time.py),
+search_bench_*.json (bench/search_bench.py), learned_vs_uniform_*.csv
+(bench/learned_vs_uniform.py) and profile_catalogue_summary.json (bench/profile_catalogue.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+PAPER = {"sinareq_avg": 4.8, "predecessor_dorefa": 2.8, "predecessor_wrpn": 2.1}
+
+
+def _records(folder: Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "preset.json":
+            continue
+        r = json.loads(path.read_text())
+        c = r["config"]
+        rows.append({"key": r["key"], "tables": r["tables"], "model": c["model"], "quantizer": c["quantizer"],
+                     "bits": c["fixed_bits"], "reg": c["lambda_w"] > 0, "seed": c["seed"],
+                     "top1": 100 * r["metrics"]["top1"], "fp32": 100 * r["metrics"]["fp32_top1"],
+                     "bitops": r["plan_totals"]["bitops"], "avg_w_bits": r["plan_totals"]["avg_weight_bits"],
+                     "budget": (c.get("budgets") or {}).get("bitops"), "seconds": r["seconds"],
+                     "device": r.get("device", "?"), "bits_layers": r["bits"]})
+    return pd.DataFrame(rows)
+
+
+def _md(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, floatfmt=".2f") if not df.empty else "_no results_"
+
+
+def _mean_sd(values: pd.Series) -> str:
+    if values.empty:
+        return "–"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f} (n=1)"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f} (n={len(values)})"
+
+
+def evidence_section(folder: Path, figures: Path) -> tuple[str, list[str]]:
+    preset = json.loads((folder / "preset.json").read_text())
+    df = _records(folder)
+    losses: list[str] = []
+    name = preset["preset"]
+    lines = [f"## Evidence, preset `{name}`", ""]
+    if df.empty:
+        return "\n".join(lines + ["_no finished jobs_", ""]), losses
+    run_cfg = ", ".join(f"{k}={v}" for k, v in preset["run"].items())
+    lines += [f"Data `{preset['data']}`; {run_cfg}; models {preset['models']}; seeds {preset['seeds']}; "
+              f"device: {', '.join(sorted(df.device.unique()))}. {len(df)} of {preset['jobs']} jobs finished.",
+              f"Reproduce: `python bench/evidence.py --preset {name}` then `python bench/report.py`.", ""]
+    fp32 = df.groupby(["model", "seed"]).fp32.first().reset_index()
+    lines += ["FP32 checkpoints (top-1 %): " + ", ".join(f"{r.model} seed {r.seed}: {r.fp32:.2f}"
+                                                         for r in fp32.itertuples()), ""]
+    # Table 1: uniform baselines.
+    uni = df[df.tables.apply(lambda t: "uniform" in t)]
+    if not uni.empty:
+        t = uni.pivot_table(index="bits", columns="quantizer", values="top1", aggfunc="mean").reset_index()
+        t.columns = ["W/A bits" if c == "bits" else f"{c} + PACT top-1 %" for c in t.columns]
+        lines += ["### Uniform baselines (ResNet-20, first/last 8 bits, plain QAT)", "", _md(t), ""]
+    # Table 2: the fixed-bit claim.
+    claim = df[df.tables.apply(lambda t: "claim" in t)]
+    if not claim.empty:
+        rows = []
+        for (model, q, b), g in claim.groupby(["model", "quantizer", "bits"]):
+            plain, reg = g[~g.reg].top1, g[g.reg].top1
+            gain = reg.mean() - plain.mean() if len(plain) and len(reg) else float("nan")
+            rows.append({"model": model, "quantizer": q, "bits": int(b), "plain top-1 %": _mean_sd(plain),
+                         "SINAREQ top-1 %": _mean_sd(reg), "gain (points)": gain})
+            if gain < 0:
+                losses.append(f"{name}: {model} {q} {int(b)}-bit: SINAREQ {reg.mean():.2f}% < plain "
+                              f"{plain.mean():.2f}% ({gain:+.2f})")
+        t = pd.DataFrame(rows)
+        lines += ["### The paper's fixed-bit claim: SINAREQ-regularized against plain QAT", "", _md(t), ""]
+        avg = t.groupby("quantizer")["gain (points)"].mean()
+        lines += [f"Average gain: {t['gain (points)'].mean():+.2f} points over all rows "
+                  f"(paper: about +{PAPER['sinareq_avg']} on average at 3–5 bits); "
+                  + "; ".join(f"{q}: {v:+.2f}" for q, v in avg.items())
+                  + f" (predecessor SinReQ: DoReFa +{PAPER['predecessor_dorefa']}, WRPN +{PAPER['predecessor_wrpn']}).", ""]
+    # Table 3: learned against uniform at equal BitOps.
+    learned = df[df.tables.apply(lambda t: "learned" in t)]
+    if not learned.empty:
+        rows = []
+        for r in learned.itertuples():
+            b = _bits_of_budget(r)
+            u = uni[(uni.quantizer == "dorefa") & (uni.bits == b) & (uni.seed == r.seed)].top1
+            ur = claim[(claim.model == "resnet20") & (claim.quantizer == "dorefa") & (claim.bits == b) & claim.reg
+                       & (claim.seed == r.seed)].top1
+            acts = [a for _, _, a in r.bits_layers]
+            rows.append({"budget (= uniform)": f"W{b}A{b}", "BitOps budget": f"{r.budget:.4g}",
+                         "learned BitOps": f"{r.bitops:.4g}", "uniform top-1 %": u.mean() if len(u) else float("nan"),
+                         "uniform + SINAREQ top-1 %": ur.mean() if len(ur) else float("nan"),
+                         "learned top-1 %": r.top1, "learned avg w bits": r.avg_w_bits,
+                         "learned avg a bits": sum(acts) / len(acts)})
+            if len(u) and r.top1 < u.mean():
+                losses.append(f"{name}: learned plan at the W{b}A{b} budget {r.top1:.2f}% < uniform {u.mean():.2f}%")
+        lines += ["### Learned heterogeneous bits against uniform bits at equal BitOps (ResNet-20, DoReFa)", "",
+                  _md(pd.DataFrame(rows)), ""]
+        fig_path = figures / f"learned_bits_{name}.png"
+        _draw_bits(learned, fig_path)
+        lines += [f"![per-layer bits of the learned plans]({fig_path.as_posix()})", ""]
+    # Throughput of one trial = one SINAREQ run from the cached checkpoint.
+    if not learned.empty:
+        lines += [f"One SINAREQ run (one search trial) took {learned.seconds.mean():.0f} s on average here: "
+                  f"{3600 / learned.seconds.mean():.0f} trials per hour per worker.", ""]
+    return "\n".join(lines), losses
+
+
+def _bits_of_budget(r) -> int:
+    return int(r.key.split("-w")[1].split("a")[0])
+
+
+def _draw_bits(learned: pd.DataFrame, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 2.4 * len(learned)))
+    axes = fig.subplots(len(learned), 1, squeeze=False)[:, 0]
+    for ax, r in zip(axes, learned.itertuples()):
+        names = [n for n, _, _ in r.bits_layers]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], [w or 0 for _, w, _ in r.bits_layers], width=0.4, label="weight bits")
+        ax.bar([i + 0.2 for i in x], [a for _, _, a in r.bits_layers], width=0.4, label="activation bits")
+        ax.set_xticks(list(x), names, rotation=75, fontsize=6)
+        ax.set_title(f"{r.key}: top-1 {r.top1:.2f}%, BitOps {r.bitops:.3g} (budget {r.budget:.3g})", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default="bench/results")
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    args = ap.parse_args()
+    res = Path(args.results)
+    parts = ["# hwsearch benchmarks", "",
+             f"Generated by `python bench/report.py` on {date.today().isoformat()} from the files in `{res}`; "
+             "every number below comes from a committed script's output. Each section names its machine, "
+             "preset and the command that reproduces it.", ""]
+    losses: list[str] = []
+    summary = res / "profile_catalogue_summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        parts += ["## Cost accounting", "",
+                  f"`python bench/profile_catalogue.py`: {s['models']} torchvision classification models profiled; "
+                  f"largest |MACs − published `_ops`| {100 * s['max_abs_rel_err']:.3f}%; beyond 1% or with uncounted "
+                  f"MAC ops: {s['beyond_1pct_or_uncounted']}. Profiling ResNet-50 at 1×3×224×224 took "
+                  f"{', '.join(f'{t:.2f}' for t in s['resnet50_profile_s'])} s ({s['cpus']} CPUs).", ""]
+    steps = sorted(res.glob("step_time_*.json"))
+    if steps:
+        rows = []
+        for p in steps:
+            s = json.loads(p.read_text())
+            rows.append({"device": s["device"], "torch": s["torch"], "FP32 ms/step": s["ms_per_step"]["fp32"],
+                         "uniform QAT ms/step": s["ms_per_step"]["qat"], "SINAREQ ms/step": s["ms_per_step"]["sinareq"],
+                         "QAT / FP32": s["qat_ratio"], "SINAREQ / FP32": s["sinareq_ratio"]})
+        parts += ["## Training-step time (ResNet-20, batch 128, 32×32)", "",
+                  "`python bench/step_time.py --device cpu|cuda --out bench/results/step_time_<device>.json`", "",
+                  _md(pd.DataFrame(rows)), ""]
+    for p in sorted(res.glob("learned_vs_uniform_*.csv")):
+        df = pd.read_csv(p)
+        preset = df.preset.iloc[0]
+        parts += [f"## Learned plan at the uniform-W4A4 BitOps budget (preset `{preset}`)", "",
+                  f"`python bench/learned_vs_uniform.py --preset {preset}`", "",
+                  _md(df.drop(columns=["preset"])), ""]
+        if df.iloc[2].top1 < df.iloc[0].top1:
+            losses.append(f"learned_vs_uniform {preset}: learned {df.iloc[2].top1:.4f} < uniform {df.iloc[0].top1:.4f}")
+    for p in sorted(res.glob("search_bench_*.json")):
+        s = json.loads(p.read_text())
+        parts += [f"## Search: {s['trials']} trials of {s['model']} on `{s['dataset']}` ({s['workers']} worker(s))", "",
+                  f"`python bench/search_bench.py` (see its docstring for the options of this run): {s['seconds']:.0f} s "
+                  f"wall, {s['trials_per_hour']:.1f} trials/hour. Front hypervolume {s['hypervolume']:.4f} against "
+                  f"{s['baseline_hypervolume']:.4f} for the uniform baselines (reference {s['reference_point']}; "
+                  f"ratio {s['ratio']:.3f}); {s['front_size']} plans on the front.", ""]
+        if s["ratio"] is not None and s["ratio"] < 1:
+            losses.append(f"search {p.stem}: front hypervolume below the uniform baselines' (ratio {s['ratio']:.3f})")
+    for folder in sorted(res.glob("evidence-*")):
+        if (folder / "preset.json").exists():
+            text, lost = evidence_section(folder, res / "figures")
+            parts += [text]
+            losses += lost
+    parts += ["## Where SINAREQ does not win", ""]
+    parts += [f"- {line}" for line in losses] if losses else ["Nowhere in the results above."]
+    parts += [""]
+    Path(args.out).write_text("\n".join(parts))
+    print(f"wrote {args.out} ({len(losses)} losses listed)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
