@@ -134,7 +134,7 @@ def main() -> int:
     jobs = job_list(preset, args.data)
     todo = [j for j in jobs if not (out / f"{j['key']}.json").exists()]
     (out / "preset.json").write_text(json.dumps({"preset": args.preset, **preset, "data": args.data,
-                                                 "jobs": len(jobs)}, indent=1))
+                                                 "jobs": len(jobs), "workers": workers}, indent=1))
     print(f"{len(jobs)} jobs, {len(todo)} to run, {workers} workers", flush=True)
     t0 = time.time()
     ctx = mp.get_context("spawn")  # CUDA cannot be forked

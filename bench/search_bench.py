@@ -44,7 +44,8 @@ def main() -> int:
     result = {"dataset": args.dataset, "model": args.model, "trials": summary["completed"], "workers": args.workers,
               "seconds": seconds, "trials_per_hour": 3600 * summary["completed"] / seconds,
               "hypervolume": hv, "baseline_hypervolume": base, "ratio": hv / base if base else None,
-              "reference_point": summary["reference_point"], "front_size": summary["front_size"]}
+              "reference_point": summary["reference_point"], "front_size": summary["front_size"],
+              "options": passthrough}
     name = out.name
     (out.parent / f"search_bench_{name}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

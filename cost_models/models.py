@@ -94,8 +94,7 @@ class CostModel(ABC):
     @staticmethod
     def _weight_or_act(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor) -> torch.Tensor:
         # A matmul of two activations has no weight: both operands use activation bits.
-        has_w = torch.tensor([layer.has_weight for layer in table.layers], device=a_bits.device)
-        return torch.where(has_w, w_bits, a_bits)
+        return torch.where(table.column("has_weight", a_bits), w_bits, a_bits)
 
     def torch(self, table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor) -> torch.Tensor:
         """Total cost as a 0-d tensor, differentiable in continuous ``w_bits`` and ``a_bits``."""
@@ -115,7 +114,7 @@ class CostModel(ABC):
 
 
 def _column(table: LayerTable, attr: str, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor([float(getattr(layer, attr)) for layer in table.layers], dtype=like.dtype, device=like.device)
+    return table.column(attr, like)
 
 
 class BitOps(CostModel):

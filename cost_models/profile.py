@@ -74,6 +74,17 @@ class LayerTable:
     def params(self) -> int:
         return sum(layer.params for layer in self.layers)
 
+    def column(self, attr: str, like: torch.Tensor) -> torch.Tensor:
+        """A per-layer attribute (``macs``, ``params``, ``has_weight``) as a tensor on ``like``'s device
+        and dtype, built once and cached: cost evaluation in a training step copies nothing from the host."""
+        cache = self.__dict__.setdefault("_columns", {})
+        key = (attr, like.device, like.dtype if attr != "has_weight" else torch.bool)
+        if key not in cache:
+            values = [getattr(layer, attr) for layer in self.layers]
+            cache[key] = torch.tensor(values if attr == "has_weight" else [float(v) for v in values],
+                                      dtype=key[2], device=like.device)
+        return cache[key]
+
     def index(self, name: str) -> int:
         for i, layer in enumerate(self.layers):
             if layer.name == name:

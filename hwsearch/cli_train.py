@@ -55,6 +55,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--max-test", type=int, help="test on a fixed random subset of this size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU: fuses kernels)")
     p.add_argument("--out", help="run directory (default runs/<model>-<dataset>-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -74,7 +75,7 @@ def config_from_args(args, **overrides):
     fields = {"model": args.model, "dataset": args.dataset, "budgets": budgets, "cost_model": args.cost_model,
               "quantizer": args.quantizer, "act_bits": args.act_bits, "b_min": args.b_min, "b_max": args.b_max,
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
-              "max_train": args.max_train, "max_test": args.max_test,
+              "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
               "epochs": args.epochs or (30 if args.dataset == "digits" else 10)}
     for name in ("fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size"):
         if getattr(args, name) is not None:

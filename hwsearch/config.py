@@ -39,6 +39,7 @@ class RunConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     max_train: int | None = None       # use a fixed random subset of the training set
     max_test: int | None = None        # use a fixed random subset of the test set
+    compile: bool = False              # torch.compile the training forward (fuses fake-quant kernels on GPU)
 
     def __post_init__(self) -> None:
         if self.quantizer not in ("dorefa", "wrpn"):

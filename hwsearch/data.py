@@ -188,14 +188,25 @@ def _read_split(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.nda
     return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64)
 
 
+def _lock(name: str):
+    """A lock file under the cache: processes (search workers) that share the cache unpack and
+    decode a dataset once, one at a time, instead of overwriting each other's files."""
+    from filelock import FileLock
+
+    path = cache_dir() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
 def _unpack(archive: Path) -> Path:
     key = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     dest = cache_dir() / "unpacked" / key
-    if not (dest / ".complete").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
-        (dest / ".complete").touch()
+    with _lock(f"unpack-{key}"):
+        if not (dest / ".complete").exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(dest, filter="data")
+            (dest / ".complete").touch()
     found = [p.parent for p in dest.rglob("train") if p.is_dir() and (p.parent / "test").is_dir()]
     if not found:
         raise ValueError(f"imagefolder: {archive} holds no train/ and test/ folders")
@@ -215,20 +226,21 @@ def load_imagefolder(path: str | Path) -> TensorData:
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     cached = cache_dir() / "tensors" / f"imagefolder-{key}.pt"
     data = None
-    if cached.exists():
-        try:
-            data = torch.load(cached, weights_only=True)
-        except Exception:
-            data = None  # corrupt cache: decode again
-    if data is None:
-        x_tr, y_tr = _read_split(path / "train", classes)
-        x_te, y_te = _read_split(path / "test", classes)
-        data = {"x_train": torch.from_numpy(x_tr), "y_train": torch.from_numpy(y_tr),
-                "x_test": torch.from_numpy(x_te), "y_test": torch.from_numpy(y_te)}
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        torch.save(data, tmp)
-        os.replace(tmp, cached)
+    with _lock(f"decode-{key}"):
+        if cached.exists():
+            try:
+                data = torch.load(cached, weights_only=True)
+            except Exception:
+                data = None  # corrupt cache: decode again
+        if data is None:
+            x_tr, y_tr = _read_split(path / "train", classes)
+            x_te, y_te = _read_split(path / "test", classes)
+            data = {"x_train": torch.from_numpy(x_tr), "y_train": torch.from_numpy(y_tr),
+                    "x_test": torch.from_numpy(x_te), "y_test": torch.from_numpy(y_te)}
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+            torch.save(data, tmp)
+            os.replace(tmp, cached)
     x = data["x_train"].float() / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).tolist())

@@ -76,10 +76,12 @@ def trials_frame(study) -> pd.DataFrame:
 
 
 def baselines_frame(study) -> pd.DataFrame:
-    names = study.user_attrs.get("objectives", [])
-    rows = [{"label": b["label"], **dict(zip(names, b["values"]))} for b in study.user_attrs.get("baselines", [])]
-    if "fp32" in study.user_attrs:
-        rows.append({"label": "FP32", **dict(zip(names, study.user_attrs["fp32"]["values"]))})
+    attrs = study.user_attrs
+    names = attrs.get("objectives", [])
+    stored = sorted((v for k, v in attrs.items() if k.startswith("baseline_w")), key=lambda b: b["bits"])
+    rows = [{"label": b["label"], **dict(zip(names, b["values"]))} for b in stored]
+    if "fp32" in attrs:
+        rows.append({"label": "FP32", **dict(zip(names, attrs["fp32"]["values"]))})
     return pd.DataFrame(rows)
 
 

@@ -40,6 +40,7 @@ class Prepared:
     w_init: list[float]
     a_init: list[float]
     device: torch.device
+    float_bits: torch.Tensor | None = None
 
 
 @dataclass
@@ -107,14 +108,16 @@ def prepare(config: RunConfig) -> Prepared:
 
 
 def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer (continuous) bits as two tensors aligned with the table; layers that are not
+    quantized count 32 bits (a constant made once, not per step)."""
     w, a = [], []
-    const = {}
-    for i, layer in enumerate(prep.table.layers):
+    if prep.float_bits is None:
+        prep.float_bits = torch.tensor(float(FLOAT_BITS), device=prep.device)
+    for layer in prep.table.layers:
         mod = layers.get(layer.name)
         if mod is None:
-            const.setdefault(i, torch.tensor(float(FLOAT_BITS), device=prep.device))
-            w.append(const[i])
-            a.append(const[i])
+            w.append(prep.float_bits)
+            a.append(prep.float_bits)
         else:
             w.append(mod.w_beta)
             a.append(mod.a_beta if mod.quantize_input else mod.a_beta.detach())
@@ -208,7 +211,7 @@ def _train_quantized(prep: Prepared, layers: dict, *, learn: bool, progress: boo
 
     fit(prep.model, prep.data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss, after_step), progress=progress,
-        desc="sinareq" if learn else f"qat-{cfg.quantizer}", history=history)
+        desc="sinareq" if learn else f"qat-{cfg.quantizer}", history=history, compile=cfg.compile)
     if state["bits"] is None:  # fixed-bit mode, or training ended before the freeze point
         w, a = _bit_vectors(prep, layers)
         state["bits"] = project_to_budgets(table, w.tolist(), a.tolist(), space, budgets)

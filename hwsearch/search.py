@@ -1,6 +1,7 @@
 """Pareto search: an Optuna multi-objective study over SINAREQ strengths.
 
-Each trial samples λ_w, λ_b, λ_c (log scale) and, unless they are learned, activation bits;
+Each trial samples λ_w, λ_b, λ_c (log scale), a target cost (log-uniform between the all-minimum
+and the starting cost; user budgets stay hard caps) and, unless they are learned, activation bits;
 runs SINAREQ from the shared cached FP32 checkpoint; and stores its plan and metrics with the
 trial. Objectives: maximize top-1, minimize each named cost of the plan.
 
@@ -178,15 +179,17 @@ def _claim_lock(study, out: Path | None):
         yield
 
 
-class _Heartbeat:
-    def __init__(self, storage, trial_id: int, interval: int) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(storage, trial_id, interval), daemon=True)
+class _Beat:
+    """Calls ``beat()`` every ``interval`` seconds in a thread while the block runs."""
 
-    def _beat(self, storage, trial_id, interval):
+    def __init__(self, beat, interval: int) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(beat, interval), daemon=True)
+
+    def _run(self, beat, interval):
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
-                storage.record_heartbeat(trial_id)
+                beat()
             self._stop.wait(interval)
 
     def __enter__(self):
@@ -207,12 +210,31 @@ def _counts(study) -> dict[str, int]:
     return counts
 
 
-def _trial_config(trial, config: SearchConfig) -> RunConfig:
+def cost_range(config: SearchConfig, prep) -> tuple[float, float]:
+    """The first objective's cost with every free bit at b_min, and at the starting bits."""
+    from .rounding import minimum_cost
+
+    model = get_cost_model(config.objectives[0])
+    return (minimum_cost(prep.table, prep.w_init, prep.a_init, prep.space, model),
+            model(prep.table, prep.w_init, prep.a_init))
+
+
+def _trial_config(trial, config: SearchConfig, prep) -> RunConfig:
     fields: dict[str, Any] = {
         "lambda_w": trial.suggest_float("lambda_w", *config.lambda_w_range, log=True),
         "lambda_b": trial.suggest_float("lambda_b", *config.lambda_b_range, log=True),
         "lambda_c": trial.suggest_float("lambda_c", *config.lambda_c_range, log=True),
     }
+    # Each trial aims at its own cost, log-uniform between the all-minimum and the starting cost,
+    # so that the budget term has a target and trials spread along the whole cost axis; a user's
+    # --budget-* stays a hard cap on top.
+    lowest, highest = cost_range(config, prep)
+    fraction = trial.suggest_float("target_fraction", min(1.0, lowest / highest), 1.0, log=True)
+    name = config.objectives[0]
+    target = max(lowest, fraction * highest)
+    budgets = dict(config.base.budgets)
+    budgets[name] = min(budgets.get(name, float("inf")), target)
+    fields["budgets"] = budgets
     if not config.learn_act_bits:
         fields["act_bits"] = trial.suggest_int("act_bits", config.base.b_min, config.base.b_max)
     return replace(config.base, **fields)
@@ -224,27 +246,47 @@ def _objective_values(plan: dict, config: SearchConfig, table) -> list[float]:
     return [plan["metrics"]["top1"]] + [get_cost_model(name)(table, w, a) for name in config.objectives]
 
 
-def _compute_baselines(study, config: SearchConfig, prep, out: Path | None, progress: bool) -> None:
-    """Uniform W/A at 2, 3, 4, 8 bits (first/last at 8) and the FP32 point, once per study."""
+def _baseline_bits(config: SearchConfig) -> list[int]:
+    lowest = 2 if config.base.quantizer == "wrpn" else 1
+    return [b for b in UNIFORM_BASELINE_BITS if b >= lowest]
+
+
+def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress: bool, *, block: bool) -> None:
+    """Uniform W/A baselines (first/last at 8; plain DoReFa/WRPN + PACT, same epochs) and the FP32 point,
+    once per study. Each baseline is claimed by one worker at a time (the claim carries a heartbeat,
+    so a dead worker's claim goes stale); with ``block``, wait until every baseline is stored."""
     from .run import run
 
-    if "baselines" in study.user_attrs:
-        return
     table = prep.table
-    rows = []
-    fp32 = None
-    for bits in UNIFORM_BASELINE_BITS:
-        if bits < config.base.b_min and config.base.quantizer == "wrpn":
+    while True:
+        chosen = None
+        with _claim_lock(study, out):
+            attrs = study.user_attrs
+            now = time.time()
+            pending = [b for b in _baseline_bits(config) if f"baseline_w{b}" not in attrs]
+            if not pending:
+                return
+            for b in pending:
+                claim = attrs.get(f"baseline_claim_w{b}")
+                if claim is None or now - claim > config.grace_s:
+                    chosen = b
+                    study.set_user_attr(f"baseline_claim_w{b}", now)
+                    break
+        if chosen is None:
+            if not block:
+                return
+            time.sleep(config.heartbeat_s)  # others are computing the rest
             continue
-        cfg = replace(config.base, fixed_bits=bits, budgets={}, lambda_w=0.0)
-        res = run(cfg, out=(out / "baselines" / f"w{bits}a{bits}") if out else None, progress=progress)
+        cfg = replace(config.base, fixed_bits=chosen, budgets={}, lambda_w=0.0)
+        key = f"baseline_claim_w{chosen}"
+        with _Beat(lambda k=key: study.set_user_attr(k, time.time()), config.heartbeat_s):
+            res = run(cfg, out=(out / "baselines" / f"w{chosen}a{chosen}") if out else None, progress=progress)
         values = _objective_values(res.plan, config, table)
-        rows.append({"label": f"W{bits}A{bits}", "bits": bits, "values": values})
-        fp32 = res.metrics["fp32_top1"]
-    n = len(table)
-    fp32_values = [fp32] + [get_cost_model(name)(table, [32] * n, [32] * n) for name in config.objectives]
-    study.set_user_attr("baselines", rows)
-    study.set_user_attr("fp32", {"label": "FP32", "values": fp32_values})
+        n = len(table)
+        fp32_values = [res.metrics["fp32_top1"]] + [get_cost_model(name)(table, [32] * n, [32] * n)
+                                                    for name in config.objectives]
+        study.set_user_attr(f"baseline_w{chosen}", {"label": f"W{chosen}A{chosen}", "bits": chosen, "values": values})
+        study.set_user_attr("fp32", {"label": "FP32", "values": fp32_values})
 
 
 @dataclass
@@ -284,10 +326,8 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
         (out / "search.json").write_text(json.dumps(
             {"storage": _redact(config.storage) if config.storage else f"sqlite:///{(out / 'study.db').resolve()}",
              "study": config.study_name, "config": asdict(config)}, indent=1, default=str))
-    if config.baselines:
-        with _claim_lock(study, out):
-            study = open_study(config, out)  # reload user attrs written by another worker
-            _compute_baselines(study, config, prep, out, progress)
+    if config.baselines:  # take the baselines nobody has taken yet, then go on to trials
+        _run_baselines(study, config, prep, out, progress, block=False)
     ran: list[int] = []
     bar = tqdm(total=config.trials, desc="trials", disable=not progress, dynamic_ncols=True)
     try:
@@ -308,8 +348,8 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
                 continue
             if trial_callback:
                 trial_callback(trial.number)
-            with _Heartbeat(study._storage, trial._trial_id, config.heartbeat_s):
-                cfg = _trial_config(trial, config)
+            with _Beat(lambda tid=trial._trial_id: study._storage.record_heartbeat(tid), config.heartbeat_s):
+                cfg = _trial_config(trial, config, prep)
                 trial_dir = out / "trials" / f"{trial.number:04d}" if out else None
                 try:
                     res = run(cfg, out=trial_dir)
@@ -332,4 +372,6 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
                 ran.append(trial.number)
     finally:
         bar.close()
+    if config.baselines:  # the front is drawn against every baseline: finish or wait for the rest
+        _run_baselines(study, config, prep, out, progress, block=True)
     return SearchResult(study, out, _counts(study)["COMPLETE"], ran)

@@ -87,3 +87,39 @@ def test_imagefolder(tmp_path):
         load_dataset(f"imagefolder:{tmp_path}/missing")
     with pytest.raises(KeyError, match="digits"):
         load_dataset("mnist-ish")
+
+
+def _load_in_process(spec: str, cache: str, queue) -> None:
+    import os
+
+    os.environ["HWSEARCH_CACHE"] = cache
+    data = load_dataset(spec)
+    queue.put((data.x_train.sum().item(), data.x_test.sum().item(), len(data.y_train)))
+
+
+def test_concurrent_workers_unpack_and_decode_an_archive_once(tmp_path):
+    import multiprocessing as mp
+    import tarfile
+
+    from PIL import Image
+
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(40):
+                Image.new("RGB", (8, 8), (i * 5, 10, 200 if cls == "a" else 0)).save(root / split / cls / f"{i}.jpg")
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="tree")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_in_process, args=(f"imagefolder:{archive}", str(tmp_path / "cache"), queue))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    results = {queue.get(timeout=5) for _ in procs}
+    assert len(results) == 1 and next(iter(results))[2] == 80

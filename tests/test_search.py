@@ -55,9 +55,11 @@ def test_sqlite_search_finishes_the_requested_trials_with_plans(tiny_search):
     for t in complete:
         plan = t.user_attrs["plan"]
         assert plan["schema"] == "hwsearch.plan/v1" and t.values[0] == plan["metrics"]["top1"]
-        assert set(t.params) == {"lambda_w", "lambda_b", "lambda_c"}
+        assert set(t.params) == {"lambda_w", "lambda_b", "lambda_c", "target_fraction"}
     study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
-    assert [b["label"] for b in study.user_attrs["baselines"]] == ["W2A2", "W3A3", "W4A4", "W8A8"]
+    from hwsearch.pareto import baselines_frame
+
+    assert baselines_frame(study)["label"].tolist() == ["W2A2", "W3A3", "W4A4", "W8A8", "FP32"]
 
 
 def test_search_resumes_and_never_touches_finished_trials(tiny_search, tmp_path):
