@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .cli_train import add_run_arguments, config_from_args
+from .units import slug
 
 
 def _positive_int(text: str) -> int:
@@ -30,8 +31,7 @@ def _cmd_search(args) -> int:
                           seed=args.sampler_seed, storage=args.storage, study_name=args.study,
                           learn_act_bits=not args.sample_act_bits, heartbeat_s=args.heartbeat,
                           grace_s=args.grace, baselines=not args.no_baselines)
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{args.model}-{args.dataset}-{args.study}")[:80]
-    out = Path(args.out) if args.out else Path("runs") / f"search-{safe}"
+    out = Path(args.out) if args.out else Path("runs") / f"search-{slug(f'{args.model}-{args.dataset}-{args.study}')}"
     result = search(config, out=out, progress=not args.quiet)
     summary = write_pareto(result.study, out)
     print(f"study        {args.study}: {result.completed} finished trials ({len(result.ran_here)} run by this worker)")

@@ -7,7 +7,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from .units import format_si, parse_quantity
+from .units import format_si, parse_quantity, slug
 
 
 def _quantity(what: str):
@@ -85,8 +85,7 @@ def config_from_args(args, **overrides):
 
 
 def default_out(kind: str, args) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"{args.model}-{args.dataset}")[:60]
-    return Path("runs") / f"{kind}-{safe}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path("runs") / f"{kind}-{slug(f'{args.model}-{args.dataset}', 60)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _cmd_run(args) -> int:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData, cache_dir
+from .units import slug
 
 __all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "resolve_device"]
 
@@ -143,8 +144,7 @@ def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: fl
     # Keyed by model, dataset (and subset), epochs and seed, and the recipe (lr, batch size).
     key = json.dumps([model_name, data.name, len(data.y_train), len(data.y_test), epochs, seed, lr, batch_size])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in model_name)
-    return cache_dir() / "checkpoints" / f"{safe}-{digest}.pt"
+    return cache_dir() / "checkpoints" / f"{slug(model_name, 200)}-{digest}.pt"
 
 
 def fp32_checkpoint(model_name: str, model: nn.Module, data: TensorData, *, epochs: int, seed: int,

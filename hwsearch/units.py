@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["parse_quantity", "parse_shape", "format_si"]
+__all__ = ["format_si", "parse_quantity", "parse_shape", "slug"]
 
 _SUFFIX = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGTP]?)(?:I?B|BOPS?|OPS?)?\s*$", re.IGNORECASE)
@@ -50,3 +50,8 @@ def format_si(value: float, unit: str = "") -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g}{suffix}{unit}"
     return f"{value:.3g}{unit}"
+
+
+def slug(text: str, limit: int = 80) -> str:
+    """A file-name-safe version of ``text`` (model and dataset names, study names)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:limit]
