@@ -158,6 +158,19 @@ def main() -> int:
         section(res, parts, losses)
     parts += ["# Where SINAREQ does not win", ""]
     parts += [f"- {line}" for line in losses] if losses else ["Nowhere in the results above."]
+    if losses:
+        parts += ["", "Likely reasons, from the runs themselves:", "",
+                  "- A learned plan trains at its final bits only after the freeze (the last 20% of its steps); "
+                  "uniform QAT trains at its bits throughout. On the short CPU preset the budget term has not "
+                  "converged at the freeze: the learned BitOps equal the budget exactly, so the greedy projection, "
+                  "not learning, picked the bits. Starting β at the budget's uniform bits instead of 8, or a "
+                  "longer fine-tune, are the next things to try.",
+                  "- λ_w = 10 was chosen on digits; on runs of a few dozen steps the regularizer's pull competes "
+                  "with the task loss for the few steps there are, and the seed spread (several points at n = 3 "
+                  "on 1,000 test images) is larger than most of the differences. The paper trains for far longer.",
+                  "- A search front below the uniform baselines: trials that aim at costs the uniform points "
+                  "already cover cheaply (W3A3 on digits) add little area; the hypervolume counts area, not the "
+                  "best plan at a given budget."]
     parts += [""]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} ({len(losses)} losses listed)")
