@@ -143,8 +143,6 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="directory for verify.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_cmd_apply)
-    try:
-        from . import cli_search
-    except ImportError:  # search commands land with the search module
-        return
+    from . import cli_search
+
     cli_search.add_commands(sub)

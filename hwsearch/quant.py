@@ -60,6 +60,14 @@ class WeightQuantizer(ABC):
     def _clip(self, q):
         return q
 
+    def penalty(self, u: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """SINAREQ (WaveQ's normalized form) on this quantizer's grid: mean sin^2(pi u / Δ(β)) / 2^β.
+
+        Zero exactly on the levels. 1/2^β is detached from β's gradient; see
+        ``hwsearch.sinareq.regularizer`` for why.
+        """
+        return torch.sin(math.pi * u / self.step(beta)).pow(2).mean() / torch.pow(2.0, beta.detach())
+
     def levels(self, bits: int, scale: float) -> torch.Tensor:
         """The quantization levels in weight space at integer ``bits`` (for plots)."""
         delta = float(self.step(torch.tensor(float(bits))))
@@ -205,13 +213,7 @@ class _QuantMixin:
             self.reg_value = None
             return self.weight
         w_hat, u = self.quantizer.quantize(self.weight, self.w_beta, self.w_scale.abs() + 1e-8)
-        if self.reg_enabled:
-            # SINAREQ (WaveQ's normalized form): mean sin^2(pi u / Δ(β)) / 2^β; zeros on the levels.
-            # 1/2^β is detached from β's gradient; see hwsearch.sinareq.regularizer for why.
-            delta = self.quantizer.step(self.w_beta)
-            self.reg_value = torch.sin(math.pi * u / delta).pow(2).mean() / torch.pow(2.0, self.w_beta.detach())
-        else:
-            self.reg_value = None
+        self.reg_value = self.quantizer.penalty(u, self.w_beta) if self.reg_enabled else None
         return w_hat
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:

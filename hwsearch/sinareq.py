@@ -26,12 +26,10 @@ def regularizer(w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor, quanti
     period. The normalization 1/2^β weighs the penalty of each layer but is detached from β's
     gradient: left in, its -ln2·R term always favours more weight bits and, at the strengths that
     pull weights onto levels (λ_w ≈ 10), it outweighs the budget term, so activations alone paid
-    for the budget (measured on digits: W≈7/A≈2 plans below uniform W4A4). (``QuantConv2d``/``QuantLinear`` compute the same value inside their forward pass
+    for the budget (measured on digits: W≈7/A≈2 plans below uniform W4A4). (``QuantConv2d``/``QuantLinear`` call the same ``WeightQuantizer.penalty`` inside their forward pass
     from the ``u`` they already have.)
     """
-    u = quantizer.normalize(w, scale)
-    delta = quantizer.step(beta)
-    return torch.sin(math.pi * u / delta).pow(2).mean() / torch.pow(2.0, beta.detach())
+    return quantizer.penalty(quantizer.normalize(w, scale), beta)
 
 
 def strength(step: int | torch.Tensor, total: int, *, start: float = 0.2, width: float = 0.05) -> float:

@@ -195,7 +195,7 @@ def test_lut_rejects_bad_files_and_missing_layers(tmp_path):
         lut(table, [4, 4], [4, 4])
     one = _toy_table([10], [5], [True])
     assert lut(one, [4], [4]) == 1.0
-    with pytest.raises(ValueError, match="w_bits=3"):
+    with pytest.raises(ValueError, match="'l0' has no measurement around w_bits=3"):
         lut(one, [3], [4])
 
 
