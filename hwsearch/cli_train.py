@@ -42,6 +42,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--act-bits", type=int, help="fixed activation bits (default: learned)")
     p.add_argument("--b-min", type=int, default=2)
     p.add_argument("--b-max", type=int, default=8)
+    p.add_argument("--init-bits", type=float,
+                   help="starting bits of learned layers (default: the tightest budget as uniform bits, else b-max)")
     p.add_argument("--first-last-bits", type=int, default=8, help="bits of first and last layer (0: learn them)")
     p.add_argument("--epochs", type=int, help="SINAREQ epochs (default: 30 on digits, 10 otherwise)")
     p.add_argument("--fp32-epochs", type=int, help="epochs of the cached FP32 checkpoint (default 30)")
@@ -77,7 +79,7 @@ def config_from_args(args, **overrides):
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
               "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
               "epochs": args.epochs or (30 if args.dataset == "digits" else 10)}
-    for name in ("fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size"):
+    for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields.update(overrides)

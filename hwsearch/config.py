@@ -20,7 +20,7 @@ class RunConfig:
     act_bits: int | None = None        # fixed activation bits; None: learned (or fixed_bits in fixed mode)
     b_min: int = 2                     # lowest learnable bits
     b_max: int = 8                     # highest learnable bits
-    init_bits: float = 8.0             # starting continuous bitwidth
+    init_bits: float | None = None     # starting continuous bitwidth; None: the budget as uniform bits (b_max without one)
     first_last_bits: int = 8           # first and last weight layers fixed here (0: learn them too)
     input_bits: int = 8                # bits of the image input to the first layer
     fp32_epochs: int = 30              # epochs of the cached FP32 checkpoint
@@ -65,6 +65,8 @@ class RunConfig:
         for name in ("lr", "lr_fp32", "lr_quant"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.init_bits is not None and not self.b_min <= self.init_bits <= self.b_max:
+            raise ValueError(f"init_bits: must be within b_min..b_max ({self.b_min}..{self.b_max}), got {self.init_bits}")
         for name, value in self.budgets.items():
             get_cost_model(name)  # raises for unknown names
             if not value > 0:

@@ -13,9 +13,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from cost_models import CostModel, LayerTable
 
-__all__ = ["BitSpace", "InfeasibleBudget", "check_feasible", "minimum_cost", "project_to_budgets"]
+__all__ = ["BitSpace", "InfeasibleBudget", "budget_bits", "check_feasible", "minimum_cost", "project_to_budgets"]
 
 
 class InfeasibleBudget(ValueError):
@@ -52,6 +54,31 @@ def check_feasible(table: LayerTable, w_bits, a_bits, space: BitSpace,
             raise InfeasibleBudget(
                 f"budget {model.name}={budget:.4g} is below the minimum attainable {lowest:.4g} {model.unit} "
                 f"(every free layer at {space.b_min} bits, fixed layers as configured)")
+
+
+def budget_bits(table: LayerTable, w_bits, a_bits, space: BitSpace,
+                budgets: Sequence[tuple[CostModel, float]]) -> float:
+    """The largest uniform continuous bitwidth b in [b_min, b_max] such that every free bit at b
+    (fixed bits as given) meets every budget: the budget expressed as uniform bits.
+
+    The SINAREQ run starts its learnable bits here, so that training begins at the budget's cost and
+    the bits only have to be redistributed, not brought down from b_max. ``b_max`` when there is no
+    budget; ``b_min`` when even that exceeds one (``check_feasible`` reports that case).
+    """
+    def fits(b: float) -> bool:
+        w = torch.tensor([b if f else x for x, f in zip(w_bits, space.free_w)], dtype=torch.float64)
+        a = torch.tensor([b if f else x for x, f in zip(a_bits, space.free_a)], dtype=torch.float64)
+        return all(float(m.torch(table, w, a)) <= budget for m, budget in budgets)
+
+    lo, hi = float(space.b_min), float(space.b_max)
+    if fits(hi):
+        return hi
+    if not fits(lo):
+        return lo
+    for _ in range(40):  # cost is monotone in the bits: bisection to ~1e-11 bits
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def project_to_budgets(table: LayerTable, w_bits: Sequence[float], a_bits: Sequence[float], space: BitSpace,

@@ -20,7 +20,7 @@ from .data import TensorData, load_dataset
 from .models import create_model
 from .plan import build_plan, check_plan_matches, save_plan
 from .quant import quant_layers, quantize_model
-from .rounding import BitSpace, check_feasible, project_to_budgets
+from .rounding import BitSpace, budget_bits, check_feasible, project_to_budgets
 from .sinareq import bit_pressure, budget_penalty, strength
 from .train import StepHook, evaluate, fit, fp32_checkpoint, resolve_device
 
@@ -79,7 +79,7 @@ def prepare(config: RunConfig) -> Prepared:
     n = len(table)
     free_w, free_a = [False] * n, [False] * n
     w_init, a_init = [float(FLOAT_BITS)] * n, [float(FLOAT_BITS)] * n
-    start = float(config.fixed_bits) if config.fixed_bits else config.init_bits
+    start = float(config.fixed_bits or config.init_bits or config.b_max)
     for i, layer in enumerate(table.layers):
         if layer.name not in quantizable:
             continue
@@ -99,6 +99,12 @@ def prepare(config: RunConfig) -> Prepared:
         m.check(table)
     if config.fixed_bits is None:
         check_feasible(table, w_init, a_init, space, budgets)
+        if config.init_bits is None and budgets:
+            # Start at the budget expressed as uniform bits: training begins at the budget's cost and
+            # learning redistributes bits between layers instead of bringing them all down from b_max.
+            b = budget_bits(table, w_init, a_init, space, budgets)
+            w_init = [b if f else x for x, f in zip(w_init, free_w)]
+            a_init = [b if f else x for x, f in zip(a_init, free_a)]
     else:
         for m, b in budgets:
             c = m(table, w_init, a_init)

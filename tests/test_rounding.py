@@ -1,9 +1,10 @@
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost_models import Layer, LayerTable, get_cost_model
-from hwsearch.rounding import BitSpace, InfeasibleBudget, minimum_cost, project_to_budgets
+from hwsearch.rounding import BitSpace, InfeasibleBudget, budget_bits, minimum_cost, project_to_budgets
 
 MODELS = ["bitops", "memory", "loom", "stripes", "bitfusion"]
 
@@ -68,3 +69,37 @@ def test_rounding_keeps_learned_bits_and_gives_back_only_what_rounding_took():
     assert bitops(table, w, a) <= bitops(table, [5.45, 3.4], [4, 4])
     # A budget below the continuous cost caps the give-back instead.
     assert project_to_budgets(table, [5.45, 3.4], [4, 4], space, [(bitops, 2130)]) == ([5, 3], [4, 4])
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_budget_bits_is_the_largest_uniform_bitwidth_within_every_budget(problem):
+    table, free, w, a, names, fractions = problem
+    space = BitSpace(free, free, 2, 8)
+    budgets = []
+    for name, frac in zip(names, fractions):
+        model = get_cost_model(name)
+        lo = minimum_cost(table, w, a, space, model)
+        budgets.append((model, lo * (1 + frac)))
+    b = budget_bits(table, w, a, space, budgets)
+    assert 2 <= b <= 8
+
+    def at(bits):
+        ws = [bits if f else x for x, f in zip(w, free)]
+        as_ = [bits if f else x for x, f in zip(a, free)]
+        return [float(m.torch(table, torch.tensor(ws, dtype=torch.float64), torch.tensor(as_, dtype=torch.float64)))
+                for m, _ in budgets]
+
+    assert all(c <= budget * (1 + 1e-9) for c, (_, budget) in zip(at(b), budgets))
+    if b < 8:  # a little more would break a budget
+        assert any(c > budget for c, (_, budget) in zip(at(min(8.0, b + 1e-6)), budgets))
+
+
+def test_budget_bits_of_a_uniform_budget_is_its_bitwidth():
+    table = LayerTable((Layer("a", "Conv2d", 100, 10), Layer("b", "Conv2d", 300, 30), Layer("c", "Linear", 7, 7)),
+                       (1, 1, 4, 4))
+    space = BitSpace([False, True, False], [False, True, False], 2, 8)
+    bitops = get_cost_model("bitops")
+    w4 = bitops(table, [8, 4, 8], [8, 4, 8])
+    assert budget_bits(table, [8, 8, 8], [8, 8, 8], space, [(bitops, w4)]) == pytest.approx(4.0, abs=1e-9)
+    assert budget_bits(table, [8, 8, 8], [8, 8, 8], space, []) == 8.0
