@@ -46,7 +46,7 @@ class SearchConfig:
     storage: str | None = None                       # SQLAlchemy URL; None: sqlite in the run directory
     study_name: str = "hwsearch"
     learn_act_bits: bool = True                      # False: each trial samples uniform activation bits
-    lambda_w_range: tuple[float, float] = (1.0, 100.0)
+    lambda_w_range: tuple[float, float] = (0.3, 30.0)  # above ~30 the penalty outweighs the task loss at 2-4 bits
     lambda_b_range: tuple[float, float] = (1e-3, 1.0)
     lambda_c_range: tuple[float, float] = (0.1, 10.0)
     heartbeat_s: int = 10                            # seconds between a running trial's heartbeats

@@ -197,3 +197,21 @@ def test_ctrl_c_keeps_what_finished_and_writes_no_plan(tmp_path, monkeypatch, ca
 def test_run_on_cuda(tmp_path):
     result = run(RunConfig(device="cuda", fp32_epochs=2, epochs=2, budgets={"bitops": 4e7}), out=tmp_path / "r")
     assert result.plan["totals"]["bitops"] <= 4e7
+
+
+def test_learned_bits_start_at_the_budget_as_uniform_bits():
+    from cost_models import get_cost_model
+    from hwsearch.costs import uniform_bits
+
+    table = prepare(RunConfig()).table
+    w4 = get_cost_model("bitops")(table, *uniform_bits(table, 4, 4))
+    prep = prepare(RunConfig(budgets={"bitops": w4}))
+    free_w = [b for b, f in zip(prep.w_init, prep.space.free_w) if f]
+    free_a = [b for b, f in zip(prep.a_init, prep.space.free_a) if f]
+    assert free_w and free_a
+    assert all(b == pytest.approx(4.0, abs=1e-6) for b in free_w + free_a)
+    assert prepare(RunConfig()).w_init == prepare(RunConfig(init_bits=8.0)).w_init  # no budget: b_max
+    forced = prepare(RunConfig(budgets={"bitops": w4}, init_bits=6.0))
+    assert {b for b, f in zip(forced.w_init, forced.space.free_w) if f} == {6.0}
+    with pytest.raises(ValueError, match="init_bits"):
+        RunConfig(init_bits=9.0)
