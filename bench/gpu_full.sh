@@ -39,12 +39,12 @@ if has fp32; then
 fi
 stamp "evidence jobs and the search, side by side"
 if has evidence; then
-  timeout 280 $PY bench/evidence.py --preset gpu --seeds 0 --data "$DATA" --workers 5 --deadline-s 150 \
+  timeout 280 $PY bench/evidence.py --preset gpu --seeds 0 --data "$DATA" --workers 8 --deadline-s 180 \
       --out "$RES/evidence-gpu" > "$RES/evidence.log" 2>&1 &
 fi
 if has search; then
   timeout ${SEARCH_TIMEOUT:-280} $PY bench/search_bench.py --dataset "$DATA" --trials 6 --workers 3 --out "$RES/search-cifar" \
-      --epochs 4 --fp32-epochs 10 --batch-size 256 --lr-fp32 0.2 --lr 0.04 > "$RES/search.log" 2>&1 &
+      --epochs 4 --fp32-epochs 10 --batch-size 256 --lr-fp32 0.2 --lr 0.04 --compile > "$RES/search.log" 2>&1 &
 fi
 wait
 stamp "report"

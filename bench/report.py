@@ -31,7 +31,9 @@ def _records(folder: Path) -> pd.DataFrame:
                      "top1": 100 * r["metrics"]["top1"], "fp32": 100 * r["metrics"]["fp32_top1"],
                      "bitops": r["plan_totals"]["bitops"], "avg_w_bits": r["plan_totals"]["avg_weight_bits"],
                      "budget": (c.get("budgets") or {}).get("bitops"), "seconds": r["seconds"],
-                     "device": r.get("device", "?"), "bits_layers": r["bits"]})
+                     "device": r.get("device", "?"), "bits_layers": r["bits"],
+                     # learned bits started here; None: at the budget as uniform bits (the default since bd4b6f0)
+                     "init": "budget" if c.get("init_bits") is None else f"{c['init_bits']:g}"})
     return pd.DataFrame(rows)
 
 
@@ -98,7 +100,7 @@ def evidence_section(folder: Path, figures: Path) -> tuple[str, list[str]]:
             ur = claim[(claim.model == "resnet20") & (claim.quantizer == "dorefa") & (claim.bits == b) & claim.reg
                        & (claim.seed == r.seed)].top1 if not claim.empty else pd.Series(dtype=float)
             acts = [a for _, _, a in r.bits_layers]
-            rows.append({"budget (= uniform)": f"W{b}A{b}", "seed": r.seed, "BitOps budget": f"{r.budget:.4g}",
+            rows.append({"budget (= uniform)": f"W{b}A{b}", "seed": r.seed, "bits start at": r.init, "BitOps budget": f"{r.budget:.4g}",
                          "learned BitOps": f"{r.bitops:.4g}", "uniform top-1 %": u.mean() if len(u) else float("nan"),
                          "uniform + SINAREQ top-1 %": ur.mean() if len(ur) else float("nan"),
                          "learned top-1 %": r.top1, "learned avg w bits": r.avg_w_bits,
