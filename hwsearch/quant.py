@@ -6,10 +6,14 @@ Conv and Linear modules are swapped in place for subclasses (``QuantConv2d``,
 ``a_alpha``. ``model.named_modules()`` is unchanged, so plans and cost tables stay keyed
 by the names a user sees.
 
-The forward pass quantizes on the grid of the *continuous* bitwidth, the same grid the
-SINAREQ regularizer uses, with a straight-through estimator for rounding written so that
-the step size (hence the bitwidth and the scale) also gets a gradient (as in LSQ, Esser
-et al. 2020): ``q = Δ * (x/Δ + stopgrad(round(x/Δ) - x/Δ))``.
+The forward pass quantizes on the grid of the *rounded* bitwidth round(β), the same grid the
+SINAREQ regularizer uses, so the network always trains on a grid it can be deployed at. Two
+straight-through estimators carry gradients: one for rounding values, written so that the step
+size (hence the bitwidth and the scale) gets a gradient (as in LSQ, Esser et al. 2020):
+``q = Δ * (x/Δ + stopgrad(round(x/Δ) - x/Δ))``, and one for rounding β, so that β moves
+continuously while the grid changes only when β crosses a half-integer. (A grid at continuous
+β, as DESIGN.md first had it, made the bits' freeze a jump onto a new grid for every layer at
+once; on the CPU preset that cost 15-20 points at the W3A3 budget.)
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class WeightQuantizer(ABC):
     def quantize(self, w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (quantized weights, u) so that the regularizer can reuse ``u``."""
         u = self.normalize(w, scale)
-        delta = self.step(beta)
+        delta = self.step(round_ste(beta))
         q = delta * round_ste(u / delta)
         return self.dequantize(self._clip(q), scale), u
 
@@ -61,12 +65,15 @@ class WeightQuantizer(ABC):
         return q
 
     def penalty(self, u: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """SINAREQ (WaveQ's normalized form) on this quantizer's grid: mean sin^2(pi u / Δ(β)) / 2^β.
+        """SINAREQ (WaveQ's normalized form) on this quantizer's grid: mean sin^2(pi u / Δ(b)) / 2^b
+        at b = round(β), β's gradient passed straight through the rounding (the grid the forward
+        pass quantizes on).
 
-        Zero exactly on the levels. 1/2^β is detached from β's gradient; see
+        Zero exactly on the levels. 1/2^b is detached from β's gradient; see
         ``hwsearch.sinareq.regularizer`` for why.
         """
-        return torch.sin(math.pi * u / self.step(beta)).pow(2).mean() / torch.pow(2.0, beta.detach())
+        bits = round_ste(beta)
+        return torch.sin(math.pi * u / self.step(bits)).pow(2).mean() / torch.pow(2.0, bits.detach())
 
     def levels(self, bits: int, scale: float) -> torch.Tensor:
         """The quantization levels in weight space at integer ``bits`` (for plots)."""
@@ -134,9 +141,9 @@ weight_quantizers.register("wrpn", WRPN())
 
 
 class _PactQuant(torch.autograd.Function):
-    """PACT (Choi et al. 2018) on a continuous grid, in one pass forward and one backward.
+    """PACT (Choi et al. 2018) at bits round(β), in one pass forward and one backward.
 
-    y = clip(x, lo, α), lo = -α (signed inputs) or 0; Δ = (α - lo)/(2^β - 1);
+    y = clip(x, lo, α), lo = -α (signed inputs) or 0; Δ = (α - lo)/(2^round(β) - 1);
     ŷ = lo + Δ round((y - lo)/Δ). Gradients: x gets the straight-through gradient inside the
     clip range; α gets the PACT gradient plus the step-size term; β the step-size term.
     """
@@ -144,7 +151,7 @@ class _PactQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, beta, signed: bool):
         lo = -alpha if signed else torch.zeros_like(alpha)
-        levels = torch.pow(2.0, beta) - 1
+        levels = torch.pow(2.0, torch.round(beta)) - 1  # integer bits forward; β's gradient straight through
         delta = (alpha - lo) / levels
         y = torch.maximum(torch.minimum(x, alpha), lo)
         t = (y - lo) / delta
@@ -162,7 +169,8 @@ class _PactQuant(torch.autograd.Function):
         below = x <= lo
         inside = ~(above | below)
         gx = g * inside
-        levels = torch.pow(2.0, beta) - 1
+        bits = torch.round(beta)
+        levels = torch.pow(2.0, bits) - 1
         span = alpha - lo
         # d(lo + Δ r)/dΔ = r = t + err; with the STE in t, only err survives: dŷ/dΔ|ste = err.
         g_err = (g * err.to(g.dtype)).sum()
@@ -170,7 +178,7 @@ class _PactQuant(torch.autograd.Function):
         d_span = 2.0 if signed else 1.0
         g_alpha = (g * above).sum() - ((g * below).sum() if signed else 0) + g_err * d_span / levels
         # β: dΔ/dβ = -span * ln2 * 2^β / levels^2.
-        g_beta = g_err * (-span * math.log(2.0) * torch.pow(2.0, beta) / levels ** 2)
+        g_beta = g_err * (-span * math.log(2.0) * torch.pow(2.0, bits) / levels ** 2)
         return gx, g_alpha.reshape(alpha.shape), g_beta.reshape(beta.shape), None
 
 

@@ -84,7 +84,7 @@ def test_pact_custom_backward_matches_autograd(signed):
 
     def reference(x, a, b):
         lo = -a if signed else torch.zeros_like(a)
-        d = (a - lo) / (2 ** b - 1)
+        d = (a - lo) / (2 ** (b + (torch.round(b) - b).detach()) - 1)  # integer bits, straight-through
         t = (torch.maximum(torch.minimum(x, a), lo) - lo) / d
         return lo + d * (t + (torch.round(t) - t).detach())
 
