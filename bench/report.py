@@ -60,6 +60,7 @@ def evidence_section(folder: Path, figures: Path) -> tuple[str, list[str]]:
     run_cfg = ", ".join(f"{k}={v}" for k, v in preset["run"].items())
     lines += [f"Data `{preset['data']}`; {run_cfg}; models {preset['models']}; seeds {preset['seeds']}; "
               f"device: {', '.join(sorted(df.device.unique()))}. {len(df)} of {preset['jobs']} jobs finished.",
+              f"Code: commit {preset.get('code', 'not recorded (before 4225bdb)')}. "
               f"Reproduce: `python bench/evidence.py --preset {name}` then `python bench/report.py`.", ""]
     fp32 = df.groupby(["model", "seed"]).fp32.first().reset_index()
     lines += ["FP32 checkpoints (top-1 %): " + ", ".join(f"{r.model} seed {r.seed}: {r.fp32:.2f}"
@@ -171,17 +172,21 @@ def main() -> int:
     parts += [f"- {line}" for line in losses] if losses else ["Nowhere in the results above."]
     if losses:
         parts += ["", "Likely reasons, from the runs themselves:", "",
-                  "- A learned plan trains at its final bits only after the freeze (the last 20% of its steps); "
-                  "uniform QAT trains at its bits throughout. On the short CPU preset the budget term has not "
-                  "converged at the freeze: the learned BitOps equal the budget exactly, so the greedy projection, "
-                  "not learning, picked the bits. Starting β at the budget's uniform bits instead of 8, or a "
-                  "longer fine-tune, are the next things to try.",
-                  "- λ_w = 10 was chosen on digits; on runs of a few dozen steps the regularizer's pull competes "
-                  "with the task loss for the few steps there are, and the seed spread (several points at n = 3 "
-                  "on 1,000 test images) is larger than most of the differences. The paper trains for far longer.",
+                  "- The CPU preset is 64 steps of training on 2,000 images, and such runs are chaotic: the same "
+                  "configuration at 1 and at 2 threads ends several points apart (`bench/lambda_sweep.py` runs at 1 "
+                  "thread; compare its uniform rows with the evidence table's), and the FP32 checkpoints of seeds 0-2 "
+                  "span 43-50%. Differences of a few points at n <= 3 are within that spread.",
+                  "- A learned run changes a layer's grid whenever its β crosses a half-integer and is frozen at 80% "
+                  "of the steps; uniform QAT keeps one grid for all of them. On a run this short the learned plan's "
+                  "last grid changes have about a dozen steps to settle.",
+                  "- λ_w = 10 was chosen on digits. In the fixed-bit claim the regularizer's pull competes with the "
+                  "task loss for the few steps there are; the paper trains for far longer.",
+                  "- The GPU results that predate commit 4225bdb (their evidence section says 'not recorded') were "
+                  "made with bits starting at 8 and quantization on the continuous-β grid, the two causes of the "
+                  "learned plans' losses fixed since; `bash bench/gpu_full.sh` re-measures them on a GPU.",
                   "- A search front below the uniform baselines: trials that aim at costs the uniform points "
-                  "already cover cheaply (W3A3 on digits) add little area; the hypervolume counts area, not the "
-                  "best plan at a given budget."]
+                  "already cover cheaply add little area; the hypervolume counts area, not the best plan at a "
+                  "given budget."]
     parts += [""]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} ({len(losses)} losses listed)")

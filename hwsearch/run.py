@@ -22,7 +22,7 @@ from .plan import build_plan, check_plan_matches, save_plan
 from .quant import quant_layers, quantize_model
 from .rounding import BitSpace, budget_bits, check_feasible, project_to_budgets
 from .sinareq import bit_pressure, budget_penalty, strength
-from .train import StepHook, evaluate, fit, fp32_checkpoint, resolve_device
+from .train import StepHook, evaluate, fit, fp32_checkpoint, recalibrate_bn, resolve_device
 
 __all__ = ["RunResult", "apply_plan", "prepare", "run", "verify_plan"]
 
@@ -258,6 +258,7 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
         u_before = _u_values(layers, hist_layer) if hist_layer else []
         learn = config.fixed_bits is None
         w_bits, a_bits = _train_quantized(prep, layers, learn=learn, progress=progress, history=history)
+        recalibrate_bn(prep.model, prep.data, batch_size=config.batch_size, seed=config.seed)
         top1 = evaluate(prep.model, prep.data)
         metrics.update({"top1": top1, "status": "complete", "seconds": time.time() - t_start})
         plan = build_plan(model=config.model, dataset=config.dataset, table=prep.table, w_bits=w_bits, a_bits=a_bits,
@@ -363,6 +364,7 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     fit(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss), progress=progress,
         desc="apply", history=history)
+    recalibrate_bn(model, data, batch_size=cfg.batch_size, seed=cfg.seed)
     top1 = evaluate(model, data)
     result = {"top1": top1, "plan_top1": plan["metrics"].get("top1"), "fp32_top1": ck["top1"], "epochs": cfg.epochs}
     if out:

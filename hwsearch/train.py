@@ -20,7 +20,7 @@ from torch import nn
 from .data import TensorData, cache_dir
 from .units import slug
 
-__all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "resolve_device"]
+__all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "recalibrate_bn", "resolve_device"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,6 +46,45 @@ def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1000) -> floa
         correct += (model(x).argmax(1) == y).sum()
     model.train(was)
     return float(correct) / len(data.y_test)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: TensorData, *, batches: int = 20, batch_size: int = 128,
+                   seed: int = 0) -> int:
+    """Re-estimate every batch norm's running statistics for the model as it is now.
+
+    Running statistics are exponential averages over the last training steps. When a layer's
+    grid changes late in training (a learned bitwidth crossing a half-integer, the freeze and
+    budget projection), the averages still hold the old grid's activations while the batch
+    statistics the weights were trained with do not: the model evaluates worse than it trains.
+    Averaging the statistics over ``batches`` training batches (no gradient) removes that gap.
+
+    Returns the number of batch-norm modules recalibrated.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    seen = 0
+    while seen < batches:
+        for x, _ in data.train_batches(batch_size, gen):
+            if data.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=data.device.type == "cuda"):
+                model(x)
+            seen += 1
+            if seen >= batches:
+                break
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was)
+    return len(norms)
 
 
 @dataclass

@@ -215,3 +215,26 @@ def test_learned_bits_start_at_the_budget_as_uniform_bits():
     assert {b for b, f in zip(forced.w_init, forced.space.free_w) if f} == {6.0}
     with pytest.raises(ValueError, match="init_bits"):
         RunConfig(init_bits=9.0)
+
+
+def test_recalibrate_bn_matches_the_statistics_of_the_model_as_it_is():
+    from torch import nn
+
+    from hwsearch.data import TensorData
+    from hwsearch.train import recalibrate_bn
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(256, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    data = TensorData("t", x, torch.zeros(256, dtype=torch.long), x[:16], torch.zeros(16, dtype=torch.long), 10,
+                      mean=(0.5,), std=(0.25,), pad=0, flip=False)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    bn = model[1]
+    bn.running_mean.fill_(7.0)  # stale statistics from "another grid"
+    bn.running_var.fill_(9.0)
+    model.eval()
+    assert recalibrate_bn(model, data, batches=4, batch_size=64) == 1
+    assert not model.training and bn.momentum == 0.1  # mode and momentum restored
+    with torch.no_grad():
+        out = model[0](data.normalize(data.x_train))
+    assert torch.allclose(bn.running_mean, out.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, out.var((0, 2, 3)), rtol=0.05)
