@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU preset of every bench, in an order that keeps timings clean (timed benches first,
-# alone), then BENCHMARKS.md. About 45 minutes on a 2-core machine.
+# alone), then BENCHMARKS.md. About 40 minutes on a 2-core machine.
 #
 #   bash bench/cpu_all.sh [RESULTS_DIR]        # default bench/results/cpu
 set -u
