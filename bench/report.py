@@ -172,21 +172,23 @@ def main() -> int:
     parts += [f"- {line}" for line in losses] if losses else ["Nowhere in the results above."]
     if losses:
         parts += ["", "Likely reasons, from the runs themselves:", "",
-                  "- The CPU preset is 64 steps of training on 2,000 images, and such runs are chaotic: the same "
-                  "configuration at 1 and at 2 threads ends several points apart (`bench/lambda_sweep.py` runs at 1 "
-                  "thread; compare its uniform rows with the evidence table's), and the FP32 checkpoints of seeds 0-2 "
-                  "span 43-50%. Differences of a few points at n <= 3 are within that spread.",
+                  "- The CPU preset is 64 steps of training on 2,000 images, and such runs are chaotic: during "
+                  "development the same configuration at 1 and at 2 threads ended several points apart, and the "
+                  "FP32 checkpoints of seeds 0-2 span 43-50%. Differences below a point at n <= 3 are within "
+                  "that spread.",
                   "- A learned run changes a layer's grid whenever its β crosses a half-integer and is frozen at 80% "
                   "of the steps; uniform QAT keeps one grid for all of them. On a run this short the learned plan's "
                   "last grid changes have about a dozen steps to settle.",
                   "- λ_w = 10 was chosen on digits. In the fixed-bit claim the regularizer's pull competes with the "
                   "task loss for the few steps there are; the paper trains for far longer.",
-                  "- The GPU results that predate commit 4225bdb (their evidence section says 'not recorded') were "
-                  "made with bits starting at 8 and quantization on the continuous-β grid, the two causes of the "
-                  "learned plans' losses fixed since; `bash bench/gpu_full.sh` re-measures them on a GPU.",
-                  "- A search front below the uniform baselines: trials that aim at costs the uniform points "
-                  "already cover cheaply add little area; the hypervolume counts area, not the best plan at a "
-                  "given budget."]
+                  "- The GPU results whose evidence section says 'not recorded' predate three fixes: bits started "
+                  "at 8, quantization ran on the continuous-β grid, and batch-norm statistics were not re-estimated "
+                  "(commits bd4b6f0, 4225bdb, 05e7f32). `bash bench/gpu_full.sh` re-measures them on a GPU.",
+                  "- Search fronts below the uniform baselines: trials whose target sits near the all-2-bit cost "
+                  "collapse (the task loss lifts β past 2.5, the budget term lets the cost overshoot the target, and "
+                  "the freeze's projection then drops many layers a bit at once), so the cheap end, where uniform "
+                  "W2A2/W3A3 hold most of the area, stays uncovered. Projecting the continuous bits onto the budget "
+                  "after every step, so that the freeze only rounds, is the fix to try next."]
     parts += [""]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} ({len(losses)} losses listed)")
