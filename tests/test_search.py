@@ -178,9 +178,9 @@ def test_existing_study_with_other_objectives_is_refused(tiny_search):
         search(tiny_config(trials=3, objectives=("bitops", "memory")), out=out)
 
 
-def _worker(storage: str, study: str, out: Path, trials: int, env) -> subprocess.Popen:
+def _worker(storage: str, study: str, out: Path, trials: int, env, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "hwsearch", "search", "--storage", storage, "--study", study, "--trials", str(trials),
-           "--out", str(out), "--heartbeat", "1", "--grace", "5", "--no-baselines", *TINY]
+           "--out", str(out), "--heartbeat", "1", "--grace", "5", "--no-baselines", *TINY, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -188,10 +188,11 @@ def test_worker_killed_mid_trial_resumes_with_the_same_command(tmp_path):
     env = _env(tmp_path)
     out = tmp_path / "s"
     storage = f"sqlite:///{out / 'study.db'}"
-    proc = _worker(storage, "killed", out, 3, env)
+    slower = ("--epochs", "8")  # a trial long enough (several seconds) to be caught running
+    proc = _worker(storage, "killed", out, 3, env, slower)
     deadline = time.time() + 240
     before = []
-    while time.time() < deadline:  # wait until one trial is done and the next is running
+    while time.time() < deadline and proc.poll() is None:  # until one trial is done and the next is running
         time.sleep(0.2)
         if not (out / "study.db").exists():
             continue
@@ -205,9 +206,9 @@ def test_worker_killed_mid_trial_resumes_with_the_same_command(tmp_path):
             before = [t for t in s.get_trials() if t.state.name == "COMPLETE"]
             proc.send_signal(signal.SIGKILL)
             break
-    proc.wait()
-    assert before, "the worker never reached a second trial"
-    again = _worker(storage, "killed", out, 3, env)
+    log = proc.communicate()[0]
+    assert before, f"the worker was never caught between a finished and a running trial:\n{log[-3000:]}"
+    again = _worker(storage, "killed", out, 3, env, slower)
     log = again.communicate(timeout=300)[0]
     assert again.returncode == 0, log
     s = optuna.load_study(study_name="killed", storage=storage)
