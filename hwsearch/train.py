@@ -6,6 +6,7 @@ logging points (every ``log_every`` steps), not per step.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -71,16 +72,13 @@ def recalibrate_bn(model: nn.Module, data: TensorData, *, batches: int = 20, bat
         m.momentum = None  # cumulative average over the batches below
     model.train()
     gen = torch.Generator(device=data.device).manual_seed(seed)
-    seen = 0
-    while seen < batches:
-        for x, _ in data.train_batches(batch_size, gen):
-            if data.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=data.device.type == "cuda"):
-                model(x)
-            seen += 1
-            if seen >= batches:
-                break
+    cuda = data.device.type == "cuda"
+    epochs = itertools.chain.from_iterable(data.train_batches(batch_size, gen) for _ in itertools.count())
+    for x, _ in itertools.islice(epochs, batches):
+        if cuda:  # as in fit: channels-last, bf16 autocast
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            model(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was)

@@ -23,17 +23,24 @@ def problems(draw):
     return table, free, w, a, names, fractions
 
 
+def _budgets(table, w, a, space, names, fractions):
+    """One budget per cost model, a fraction of the way from its all-minimum to its all-8-bit cost
+    (above the minimum when those coincide): never below what the bit space can reach."""
+    budgets = []
+    for name, frac in zip(names, fractions):
+        model = get_cost_model(name)
+        lo = minimum_cost(table, w, a, space, model)
+        hi = model(table, [8] * len(w), [8] * len(a))
+        budgets.append((model, lo + frac * (hi - lo) if hi > lo else lo * (1 + frac)))
+    return budgets
+
+
 @settings(max_examples=150, deadline=None)
 @given(problems())
 def test_plan_never_exceeds_any_budget(problem):
     table, free, w, a, names, fractions = problem
     space = BitSpace(free, free, 2, 8)
-    budgets = []
-    for name, frac in zip(names, fractions):
-        model = get_cost_model(name)
-        lo = minimum_cost(table, w, a, space, model)
-        hi = model(table, [8 if f else 8 for f in free], [8] * len(free))
-        budgets.append((model, lo + frac * (hi - lo) if hi > lo else lo * (1 + frac)))
+    budgets = _budgets(table, w, a, space, names, fractions)
     try:
         wi, ai = project_to_budgets(table, w, a, space, budgets)
     except InfeasibleBudget:
@@ -76,11 +83,7 @@ def test_rounding_keeps_learned_bits_and_gives_back_only_what_rounding_took():
 def test_budget_bits_is_the_largest_uniform_bitwidth_within_every_budget(problem):
     table, free, w, a, names, fractions = problem
     space = BitSpace(free, free, 2, 8)
-    budgets = []
-    for name, frac in zip(names, fractions):
-        model = get_cost_model(name)
-        lo = minimum_cost(table, w, a, space, model)
-        budgets.append((model, lo * (1 + frac)))
+    budgets = _budgets(table, w, a, space, names, fractions)
     b = budget_bits(table, w, a, space, budgets)
     assert 2 <= b <= 8
 
