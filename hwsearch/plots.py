@@ -67,7 +67,7 @@ def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None
     if "cost_ratio" in h:
         axes[2].plot(h["global_step"], h["cost_ratio"])
         axes[2].axhline(1.0, color="k", ls="--", lw=1)
-        axes[2].set_title(f"{budget_name or 'cost'} / budget")
+        axes[2].set_title(f"{budget_name or 'cost'} at round(bits) / budget")
     else:
         axes[2].plot(h["global_step"], h.get("regularizer", h["task_loss"] * 0))
         axes[2].set_title("SINAREQ regularizer")

@@ -17,7 +17,8 @@ import torch
 
 from cost_models import CostModel, LayerTable
 
-__all__ = ["BitSpace", "InfeasibleBudget", "budget_bits", "check_feasible", "minimum_cost", "project_to_budgets"]
+__all__ = ["BitSpace", "InfeasibleBudget", "budget_bits", "budget_shift", "check_feasible", "minimum_cost",
+           "project_to_budgets"]
 
 
 class InfeasibleBudget(ValueError):
@@ -79,6 +80,41 @@ def budget_bits(table: LayerTable, w_bits, a_bits, space: BitSpace,
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+def budget_shift(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor, free_w: torch.Tensor,
+                 free_a: torch.Tensor, budgets: Sequence[tuple[CostModel, float]], b_min: float, b_max: float, *,
+                 rounded: bool = True, iters: int = 16) -> torch.Tensor:
+    """The smallest shift t >= 0 such that the free bits lowered by t (clipped to [b_min, b_max]),
+    and rounded when ``rounded``, meet every budget; 0 when they already do.
+
+    The learned bits are moved onto the budget this way after every optimizer step, so training
+    always runs on a plan within budget and the final rounding has (almost) nothing left to take.
+    A fixed number of bisection steps on tensors (t to (b_max - b_min) / 2^iters bits) and
+    ``torch.where`` instead of branches: no host synchronization (except a LUT model's own check).
+    ``free_w``/``free_a`` are 0/1 masks aligned with the table; at t = b_max - b_min every free bit
+    is at b_min, which ``check_feasible`` has made sure fits.
+    """
+    w, a = w_bits.detach().double(), a_bits.detach().double()
+    mw, ma = free_w.to(torch.bool), free_a.to(torch.bool)
+
+    def fits(t: torch.Tensor) -> torch.Tensor:
+        ws, as_ = (w - t).clamp(b_min, b_max), (a - t).clamp(b_min, b_max)
+        if rounded:
+            ws, as_ = torch.round(ws), torch.round(as_)
+        ws, as_ = torch.where(mw, ws, w), torch.where(ma, as_, a)
+        ok = torch.ones((), dtype=torch.bool, device=w.device)
+        for model, budget in budgets:
+            ok = ok & (model.torch(table, ws, as_) <= budget * (1 + 1e-12))
+        return ok
+
+    zero = w.new_zeros(())
+    lo, hi = zero, zero + float(b_max - b_min)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        ok = fits(mid)
+        lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
+    return torch.where(fits(zero), zero, hi)
 
 
 def project_to_budgets(table: LayerTable, w_bits: Sequence[float], a_bits: Sequence[float], space: BitSpace,

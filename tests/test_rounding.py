@@ -4,7 +4,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cost_models import Layer, LayerTable, get_cost_model
-from hwsearch.rounding import BitSpace, InfeasibleBudget, budget_bits, minimum_cost, project_to_budgets
+from hwsearch.rounding import (
+    BitSpace,
+    InfeasibleBudget,
+    budget_bits,
+    budget_shift,
+    minimum_cost,
+    project_to_budgets,
+)
 
 MODELS = ["bitops", "memory", "loom", "stripes", "bitfusion"]
 
@@ -106,3 +113,43 @@ def test_budget_bits_of_a_uniform_budget_is_its_bitwidth():
     w4 = bitops(table, [8, 4, 8], [8, 4, 8])
     assert budget_bits(table, [8, 8, 8], [8, 8, 8], space, [(bitops, w4)]) == pytest.approx(4.0, abs=1e-9)
     assert budget_bits(table, [8, 8, 8], [8, 8, 8], space, []) == 8.0
+
+
+def _shifted(w, a, free, t, rounded):
+    def one(bits):
+        out = [min(max(x - t, 2.0), 8.0) if f else x for x, f in zip(bits, free)]
+        return [float(round(x)) if (f and rounded) else x for x, f in zip(out, free)]
+    return one(w), one(a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.booleans())
+def test_budget_shift_is_the_smallest_shift_onto_every_budget(problem, rounded):
+    table, free, w, a, names, fractions = problem
+    space = BitSpace(free, free, 2, 8)
+    budgets = _budgets(table, w, a, space, names, fractions)
+    mask = torch.tensor(free, dtype=torch.float32)
+    t = float(budget_shift(table, torch.tensor(w), torch.tensor(a), mask, mask, budgets, 2, 8, rounded=rounded))
+    assert 0.0 <= t <= 6.0
+
+    def costs(shift):
+        ws, as_ = _shifted(w, a, free, shift, rounded)
+        return [m(table, ws, as_) for m, _ in budgets]
+
+    assert all(c <= b * (1 + 1e-9) for c, (_, b) in zip(costs(t), budgets))
+    if t > 0:  # a shift smaller by more than the bisection's resolution breaks a budget
+        assert any(c > b for c, (_, b) in zip(costs(max(0.0, t - 6.0 / 2**16 * 2)), budgets))
+
+
+def test_budget_shift_is_zero_inside_the_budget_and_lowers_only_free_bits():
+    table = LayerTable((Layer("a", "Conv2d", 100, 10), Layer("b", "Conv2d", 300, 30)), (1, 1, 4, 4))
+    bitops = get_cost_model("bitops")
+    w = torch.tensor([8.0, 6.0])
+    free = torch.tensor([0.0, 1.0])
+    inside = [(bitops, bitops(table, [8, 6], [8, 6]))]
+    assert float(budget_shift(table, w, w, free, free, inside, 2, 8)) == 0.0
+    at_w4 = [(bitops, bitops(table, [8, 4], [8, 4]))]
+    t = float(budget_shift(table, w, w, free, free, at_w4, 2, 8, rounded=False))
+    assert t == pytest.approx(2.0, abs=1e-3)
+    # Rounded: 6 - t must round to 4, so t just above 1.5.
+    assert float(budget_shift(table, w, w, free, free, at_w4, 2, 8)) == pytest.approx(1.5, abs=1e-3)

@@ -238,3 +238,20 @@ def test_recalibrate_bn_matches_the_statistics_of_the_model_as_it_is():
         out = model[0](data.normalize(data.x_train))
     assert torch.allclose(bn.running_mean, out.mean((0, 2, 3)), atol=1e-4)
     assert torch.allclose(bn.running_var, out.var((0, 2, 3)), rtol=0.05)
+
+
+def test_learned_bits_are_kept_on_the_budget_at_every_step():
+    """With neither the budget term nor bit pressure, and bits starting at 8, only the projection after
+    every step can hold the trained grid within a budget of uniform W3A3 (bits would stay at 8)."""
+    from cost_models import get_cost_model
+    from hwsearch.costs import uniform_bits
+
+    table = prepare(RunConfig()).table
+    w3 = get_cost_model("bitops")(table, *uniform_bits(table, 3, 3))
+    result = run(RunConfig(budgets={"bitops": w3}, init_bits=8.0, lambda_b=0.0, lambda_c=0.0, lambda_w=0.0,
+                           fp32_epochs=2, epochs=4))
+    ratios = [row["cost_ratio"] for row in result.history if "cost_ratio" in row]
+    assert len(ratios) >= 3
+    assert ratios[0] > 1.0  # the first logging point includes step 0, before any projection
+    assert all(r <= 1.0 + 1e-6 for r in ratios[1:])
+    assert result.plan["totals"]["bitops"] <= w3 * (1 + 1e-9)
