@@ -21,6 +21,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _bits_list(text: str) -> tuple[int, ...]:
+    import argparse
+
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, or 'none', got {text!r}") from None
+
+
 def _cmd_search(args) -> int:
     from .pareto import write_pareto
     from .search import SearchConfig, search
@@ -30,7 +41,7 @@ def _cmd_search(args) -> int:
     config = SearchConfig(base=base, trials=args.trials, objectives=objectives, sampler=args.sampler,
                           seed=args.sampler_seed, storage=args.storage, study_name=args.study,
                           learn_act_bits=not args.sample_act_bits, heartbeat_s=args.heartbeat,
-                          grace_s=args.grace, baselines=not args.no_baselines)
+                          grace_s=args.grace, baselines=not args.no_baselines, anchor_bits=args.anchor_bits)
     out = Path(args.out) if args.out else Path("runs") / f"search-{slug(f'{args.model}-{args.dataset}-{args.study}')}"
     result = search(config, out=out, progress=not args.quiet)
     summary = write_pareto(result.study, out)
@@ -92,6 +103,9 @@ def add_commands(sub) -> None:
     p.add_argument("--heartbeat", type=_positive_int, default=10, help="seconds between a trial's heartbeats")
     p.add_argument("--grace", type=_positive_int, default=30, help="seconds after which a silent trial is retried")
     p.add_argument("--no-baselines", action="store_true", help="skip the uniform W/A 2,3,4,8 baselines")
+    p.add_argument("--anchor-bits", type=_bits_list, default=(3, 4), metavar="B,B",
+                   help="the first trials aim at the cost of uniform W<B>A<B> with the base strengths "
+                        "(default 3,4; 'none': every trial sampled)")
     p.set_defaults(handler=_cmd_search)
 
     p = sub.add_parser("pareto", help="Pareto front, hypervolume and plots from a stored study")

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cost_models import get_cost_model
 from hwsearch.cli import main
 from hwsearch.config import RunConfig
 from hwsearch.pareto import hypervolume, pareto_mask
@@ -60,6 +61,31 @@ def test_sqlite_search_finishes_the_requested_trials_with_plans(tiny_search):
     from hwsearch.pareto import baselines_frame
 
     assert baselines_frame(study)["label"].tolist() == ["W2A2", "W3A3", "W4A4", "W8A8", "FP32"]
+
+
+def test_first_trials_are_anchored_at_the_uniform_costs(tiny_search):
+    """Trials 0 and 1 aim at the BitOps of uniform W3A3 and W4A4 with the base strengths; their plans
+    meet those budgets; trial 2 is sampled."""
+    from hwsearch.run import prepare
+
+    out, _ = tiny_search
+    config = tiny_config(trials=3)
+    prep = prepare(config.base)
+    bitops = get_cost_model("bitops")
+    trials = sorted(_complete(f"sqlite:///{out / 'study.db'}", "hwsearch"), key=lambda t: t.number)
+    assert [t.user_attrs.get("anchor_bits") for t in trials] == [3, 4, None]
+    for t, bits in zip(trials[:2], (3, 4)):
+        w = [bits if f else x for x, f in zip(prep.w_init, prep.space.free_w)]
+        a = [bits if f else x for x, f in zip(prep.a_init, prep.space.free_a)]
+        uniform = bitops(prep.table, w, a)
+        assert t.params["lambda_w"] == config.base.lambda_w and t.params["lambda_c"] == config.base.lambda_c
+        assert t.user_attrs["plan"]["budget"]["bitops"] == pytest.approx(uniform, rel=1e-6)
+        assert t.values[1] <= uniform * (1 + 1e-6)
+
+
+def test_anchor_bits_outside_the_bit_range_are_refused():
+    with pytest.raises(SearchError, match="anchor_bits"):
+        tiny_config(anchor_bits=(9,))
 
 
 def test_search_resumes_and_never_touches_finished_trials(tiny_search, tmp_path):
