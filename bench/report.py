@@ -184,11 +184,11 @@ def main() -> int:
                   "- The GPU results whose evidence section says 'not recorded' predate three fixes: bits started "
                   "at 8, quantization ran on the continuous-β grid, and batch-norm statistics were not re-estimated "
                   "(commits bd4b6f0, 4225bdb, 05e7f32). `bash bench/gpu_full.sh` re-measures them on a GPU.",
-                  "- Search fronts below the uniform baselines: trials whose target sits near the all-2-bit cost "
-                  "collapse (the task loss lifts β past 2.5, the budget term lets the cost overshoot the target, and "
-                  "the freeze's projection then drops many layers a bit at once), so the cheap end, where uniform "
-                  "W2A2/W3A3 hold most of the area, stays uncovered. Projecting the continuous bits onto the budget "
-                  "after every step, so that the freeze only rounds, is the fix to try next."]
+                  "- Search fronts near or below the uniform baselines: trials whose target sits just above the "
+                  "all-2-bit cost and whose λ_w is large (≳ 4) lose many points, because at 2 bits the regularizer "
+                  "pulls every weight to one of four far-apart levels early in training. Since bits are projected "
+                  "onto the budget after every step (commit 20a208c) a trial at the floor no longer collapses from "
+                  "losing bits at the freeze; the remaining losses are those strengths."]
     parts += [""]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} ({len(losses)} losses listed)")
