@@ -179,8 +179,9 @@ def main() -> int:
                   "- A learned run changes a layer's grid whenever its β crosses a half-integer and is frozen at 80% "
                   "of the steps; uniform QAT keeps one grid for all of them. On a run this short the learned plan's "
                   "last grid changes have about a dozen steps to settle.",
-                  "- λ_w = 10 was chosen on digits. In the fixed-bit claim the regularizer's pull competes with the "
-                  "task loss for the few steps there are; the paper trains for far longer.",
+                  "- In the fixed-bit claim the regularizer's pull competes with the task loss for the few steps "
+                  "there are; the paper trains for far longer. The default λ_w = 1 pulls only mildly (it was 10 "
+                  "until commit 0d736a7, which lost more often to plain QAT on this preset).",
                   "- The GPU results whose evidence section says 'not recorded' predate three fixes: bits started "
                   "at 8, quantization ran on the continuous-β grid, and batch-norm statistics were not re-estimated "
                   "(commits bd4b6f0, 4225bdb, 05e7f32). `bash bench/gpu_full.sh` re-measures them on a GPU.",
