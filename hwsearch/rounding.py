@@ -34,6 +34,11 @@ class BitSpace:
     b_min: int = 2
     b_max: int = 8
 
+    def fill(self, w_bits: Sequence[float], a_bits: Sequence[float], bits: float) -> tuple[list[float], list[float]]:
+        """Every free bit at ``bits``, the fixed ones as given."""
+        return ([bits if f else x for x, f in zip(w_bits, self.free_w)],
+                [bits if f else x for x, f in zip(a_bits, self.free_a)])
+
 
 def _clip(bits: Sequence[float], space: BitSpace) -> list[float]:
     return [min(max(float(b), 1.0), 32.0) for b in bits]
@@ -41,9 +46,7 @@ def _clip(bits: Sequence[float], space: BitSpace) -> list[float]:
 
 def minimum_cost(table: LayerTable, w_bits, a_bits, space: BitSpace, model: CostModel) -> float:
     """Cost with every free bit at ``b_min`` and fixed bits as given."""
-    w = [space.b_min if f else b for b, f in zip(w_bits, space.free_w)]
-    a = [space.b_min if f else b for b, f in zip(a_bits, space.free_a)]
-    return model(table, w, a)
+    return model(table, *space.fill(w_bits, a_bits, space.b_min))
 
 
 def check_feasible(table: LayerTable, w_bits, a_bits, space: BitSpace,
@@ -66,20 +69,10 @@ def budget_bits(table: LayerTable, w_bits, a_bits, space: BitSpace,
     the bits only have to be redistributed, not brought down from b_max. ``b_max`` when there is no
     budget; ``b_min`` when even that exceeds one (``check_feasible`` reports that case).
     """
-    def fits(b: float) -> bool:
-        w = torch.tensor([b if f else x for x, f in zip(w_bits, space.free_w)], dtype=torch.float64)
-        a = torch.tensor([b if f else x for x, f in zip(a_bits, space.free_a)], dtype=torch.float64)
-        return all(float(m.torch(table, w, a)) <= budget for m, budget in budgets)
-
-    lo, hi = float(space.b_min), float(space.b_max)
-    if fits(hi):
-        return hi
-    if not fits(lo):
-        return lo
-    for _ in range(40):  # cost is monotone in the bits: bisection to ~1e-11 bits
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    w, a = (torch.tensor(v, dtype=torch.float64) for v in space.fill(w_bits, a_bits, float(space.b_max)))
+    t = budget_shift(table, w, a, torch.tensor(space.free_w), torch.tensor(space.free_a), budgets, space.b_min,
+                     space.b_max, rounded=False, iters=40)  # to ~1e-11 bits
+    return float(space.b_max) - float(t)
 
 
 def budget_shift(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor, free_w: torch.Tensor,

@@ -249,27 +249,24 @@ def _enqueue_anchors(study, config: SearchConfig, prep, out: Path | None) -> Non
     with the base strengths (clipped to the sampled ranges).
 
     Random start-up trials rarely land at the cheap end, where the uniform curve holds most of its
-    area: on the CIFAR-10 CPU preset 8 trials left 236 M to 755 M BitOps (W2A2 to W4A4) empty.
+    area: on the CIFAR-10 CPU preset 8 trials left 234 M to 755 M BitOps (W2A2 to W4A4) empty
+    (bench/results/cpu/search-cifar at commit 10e01cb).
     An anchored trial is a learned plan at the budget of uniform W<b>A<b>; the sampler takes over
     after them.
     """
     lowest, highest = cost_range(config, prep)
     model = get_cost_model(config.objectives[0])
-    b = config.base
+    ranges = {"lambda_w": config.lambda_w_range, "lambda_b": config.lambda_b_range, "lambda_c": config.lambda_c_range}
+    strengths = {name: min(max(getattr(config.base, name), lo), hi) for name, (lo, hi) in ranges.items()}
     with _claim_lock(study, out):
         if study.user_attrs.get("anchors_queued") is not None:
             return
         queued = []
         for bits in config.anchor_bits[: config.trials]:
-            w = [bits if f else x for x, f in zip(prep.w_init, prep.space.free_w)]
-            a = [bits if f else x for x, f in zip(prep.a_init, prep.space.free_a)]
-            fraction = model(prep.table, w, a) / highest * (1 + 1e-9)
+            fraction = model(prep.table, *prep.space.fill(prep.w_init, prep.a_init, bits)) / highest * (1 + 1e-9)
             if not lowest / highest <= fraction <= 1.0:
                 continue
-            params = {"lambda_w": min(max(b.lambda_w, config.lambda_w_range[0]), config.lambda_w_range[1]),
-                      "lambda_b": min(max(b.lambda_b, config.lambda_b_range[0]), config.lambda_b_range[1]),
-                      "lambda_c": min(max(b.lambda_c, config.lambda_c_range[0]), config.lambda_c_range[1]),
-                      "target_fraction": fraction}
+            params = {**strengths, "target_fraction": fraction}
             if not config.learn_act_bits:
                 params["act_bits"] = bits
             study.enqueue_trial(params, user_attrs={"anchor_bits": bits})

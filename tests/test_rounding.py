@@ -42,12 +42,17 @@ def _budgets(table, w, a, space, names, fractions):
     return budgets
 
 
+def _setup(problem):
+    """A problem's table, free mask, bits, its bit space (free weights and activations alike, 2..8) and budgets."""
+    table, free, w, a, names, fractions = problem
+    space = BitSpace(free, free, 2, 8)
+    return table, free, w, a, space, _budgets(table, w, a, space, names, fractions)
+
+
 @settings(max_examples=150, deadline=None)
 @given(problems())
 def test_plan_never_exceeds_any_budget(problem):
-    table, free, w, a, names, fractions = problem
-    space = BitSpace(free, free, 2, 8)
-    budgets = _budgets(table, w, a, space, names, fractions)
+    table, free, w, a, space, budgets = _setup(problem)
     try:
         wi, ai = project_to_budgets(table, w, a, space, budgets)
     except InfeasibleBudget:
@@ -88,9 +93,7 @@ def test_rounding_keeps_learned_bits_and_gives_back_only_what_rounding_took():
 @settings(max_examples=60, deadline=None)
 @given(problems())
 def test_budget_bits_is_the_largest_uniform_bitwidth_within_every_budget(problem):
-    table, free, w, a, names, fractions = problem
-    space = BitSpace(free, free, 2, 8)
-    budgets = _budgets(table, w, a, space, names, fractions)
+    table, free, w, a, space, budgets = _setup(problem)
     b = budget_bits(table, w, a, space, budgets)
     assert 2 <= b <= 8
 
@@ -125,9 +128,7 @@ def _shifted(w, a, free, t, rounded):
 @settings(max_examples=60, deadline=None)
 @given(problems(), st.booleans())
 def test_budget_shift_is_the_smallest_shift_onto_every_budget(problem, rounded):
-    table, free, w, a, names, fractions = problem
-    space = BitSpace(free, free, 2, 8)
-    budgets = _budgets(table, w, a, space, names, fractions)
+    table, free, w, a, space, budgets = _setup(problem)
     mask = torch.tensor(free, dtype=torch.float32)
     t = float(budget_shift(table, torch.tensor(w), torch.tensor(a), mask, mask, budgets, 2, 8, rounded=rounded))
     assert 0.0 <= t <= 6.0

@@ -75,9 +75,7 @@ def test_first_trials_are_anchored_at_the_uniform_costs(tiny_search):
     trials = sorted(_complete(f"sqlite:///{out / 'study.db'}", "hwsearch"), key=lambda t: t.number)
     assert [t.user_attrs.get("anchor_bits") for t in trials] == [3, 4, None]
     for t, bits in zip(trials[:2], (3, 4)):
-        w = [bits if f else x for x, f in zip(prep.w_init, prep.space.free_w)]
-        a = [bits if f else x for x, f in zip(prep.a_init, prep.space.free_a)]
-        uniform = bitops(prep.table, w, a)
+        uniform = bitops(prep.table, *prep.space.fill(prep.w_init, prep.a_init, bits))
         assert t.params["lambda_w"] == config.base.lambda_w and t.params["lambda_c"] == config.base.lambda_c
         assert t.user_attrs["plan"]["budget"]["bitops"] == pytest.approx(uniform, rel=1e-6)
         assert t.values[1] <= uniform * (1 + 1e-6)
