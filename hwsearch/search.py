@@ -158,7 +158,7 @@ def open_study(config: SearchConfig, out: Path | None = None):
 @contextlib.contextmanager
 def _claim_lock(study, out: Path | None):
     """Serialize claiming trials across workers: count, then ask, as one step."""
-    storage = study._storage
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
     url = str(getattr(storage, "url", ""))
     if url.startswith("postgresql"):
         import zlib

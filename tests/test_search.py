@@ -81,6 +81,20 @@ def test_first_trials_are_anchored_at_the_uniform_costs(tiny_search):
         assert t.values[1] <= uniform * (1 + 1e-6)
 
 
+def test_claim_lock_is_held_on_a_sqlite_study(tiny_search):
+    """Workers serialize claiming through this lock; Optuna wraps the RDB storage in a cache that
+    has no ``url``, which once left every study unlocked (two PostgreSQL workers ran 6 of 5 trials)."""
+    from filelock import FileLock, Timeout
+
+    from hwsearch.search import _claim_lock
+
+    out, _ = tiny_search
+    study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
+    with _claim_lock(study, out), pytest.raises(Timeout):
+        FileLock(str((out / "study.db").resolve()) + ".lock", timeout=0).acquire()
+    FileLock(str((out / "study.db").resolve()) + ".lock", timeout=0).acquire()  # released after the block
+
+
 def test_anchor_bits_outside_the_bit_range_are_refused():
     with pytest.raises(SearchError, match="anchor_bits"):
         tiny_config(anchor_bits=(9,))
