@@ -106,10 +106,13 @@ def _storage(config: SearchConfig, out: Path | None):
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        # Workers started together on a fresh database would race to create Optuna's tables
+        # (a UNIQUE failure on alembic_version, or "database is locked"): one creates them at a time.
+        with _db_lock(url, "schema"):
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SearchError(f"storage {_redact(url)} cannot be reached: {first}") from None
@@ -156,31 +159,40 @@ def open_study(config: SearchConfig, out: Path | None = None):
 
 
 @contextlib.contextmanager
-def _claim_lock(study, out: Path | None):
-    """Serialize claiming trials across workers: count, then ask, as one step."""
-    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
-    url = str(getattr(storage, "url", ""))
+def _db_lock(url: str, name: str):
+    """A lock shared by every process that uses the database at ``url``: a PostgreSQL advisory lock,
+    or a file lock beside a SQLite file. Other databases get none."""
     if url.startswith("postgresql"):
         import zlib
 
         import sqlalchemy
 
-        key = zlib.crc32(f"hwsearch:{study.study_name}".encode()) & 0x7FFFFFFF  # same in every process
+        key = zlib.crc32(f"hwsearch:{name}".encode()) & 0x7FFFFFFF  # same in every process
         engine = sqlalchemy.create_engine(url)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
-    elif url.startswith("sqlite:///"):
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+    elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         from filelock import FileLock
 
-        with FileLock(url[len("sqlite:///"):] + ".lock"):
+        suffix = "" if name.startswith("study:") else f".{name}"
+        with FileLock(url[len("sqlite:///"):] + suffix + ".lock"):
             yield
-    else:  # other databases: no cross-worker lock; at most one extra trial per racing worker
+    else:
         yield
+
+
+def _claim_lock(study, out: Path | None):
+    """Serialize claiming trials across workers: count, then ask, as one step. On databases other
+    than PostgreSQL and SQLite there is no cross-worker lock: at most one extra trial per racing worker."""
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
+    return _db_lock(str(getattr(storage, "url", "")), f"study:{study.study_name}")
 
 
 class _Beat:

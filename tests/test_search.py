@@ -17,7 +17,7 @@ from cost_models import get_cost_model
 from hwsearch.cli import main
 from hwsearch.config import RunConfig
 from hwsearch.pareto import hypervolume, pareto_mask
-from hwsearch.search import SearchConfig, SearchError, search
+from hwsearch.search import SearchConfig, SearchError, _db_lock, open_study, search
 
 PG_URL = os.environ.get("HWSEARCH_TEST_PG_URL")
 TINY = ["--max-train", "256", "--max-test", "120", "--fp32-epochs", "2", "--epochs", "2", "--batch-size", "64",
@@ -93,6 +93,29 @@ def test_claim_lock_is_held_on_a_sqlite_study(tiny_search):
     with _claim_lock(study, out), pytest.raises(Timeout):
         FileLock(str((out / "study.db").resolve()) + ".lock", timeout=0).acquire()
     FileLock(str((out / "study.db").resolve()) + ".lock", timeout=0).acquire()  # released after the block
+
+
+def test_workers_started_together_on_a_fresh_database_all_open_the_study(tmp_path):
+    """Optuna's RDBStorage creates its tables on first use; four at once on a fresh SQLite file used
+    to fail all but one ("database is locked" or a UNIQUE failure on alembic_version)."""
+    import threading
+
+    out = tmp_path / "s"
+    errors, names = [], []
+
+    def join():
+        try:
+            names.append(open_study(tiny_config(trials=1), out).study_name)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=join) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and names == ["hwsearch"] * 4
+    assert len(optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")) == 1
 
 
 def test_anchor_bits_outside_the_bit_range_are_refused():
@@ -235,7 +258,8 @@ def test_worker_killed_mid_trial_resumes_with_the_same_command(tmp_path):
         if not (out / "study.db").exists():
             continue
         try:
-            s = optuna.load_study(study_name="killed", storage=storage)
+            with _db_lock(storage, "schema"):  # the worker may be creating the tables right now
+                s = optuna.load_study(study_name="killed", storage=storage)
         except Exception:
             continue
         trials = s.get_trials(deepcopy=False)
