@@ -7,6 +7,11 @@ Each spec is BITS:LAMBDA:SEED: a learned run at the BitOps of uniform W<BITS>A<B
 λ_w = LAMBDA, or with LAMBDA = u the uniform W<BITS>A<BITS> plain-QAT baseline (λ_w = 0). One
 thread per process, so two processes can share 2 cores; results depend on the thread count
 (these short runs are chaotic), so compare lines made the same way.
+
+With ``--digits`` the runs use the bundled digits at the README's defaults (30 FP32 epochs,
+30 quantized epochs, all 1,437 training images) instead:
+
+    python bench/lambda_sweep.py --digits 2:u:1 2:1:1 ... --out bench/results/cpu/low_bits_digits.jsonl
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 
 DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
 BASE = {"model": "resnet20", "max_train": 2000, "max_test": 1000, "fp32_epochs": 10, "epochs": 4, "batch_size": 128}
+DIGITS = {"model": "resnet20", "dataset": "digits", "fp32_epochs": 30, "epochs": 30, "batch_size": 128}
 
 
 def main() -> int:
@@ -31,10 +37,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("specs", nargs="+", help="BITS:LAMBDA:SEED, LAMBDA=u for the uniform baseline")
     ap.add_argument("--data", default=DATA)
+    ap.add_argument("--digits", action="store_true", help="the bundled digits at the README's defaults")
     ap.add_argument("--out", default="bench/results/cpu/lambda_sweep.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    base = {**BASE, "dataset": args.data}
+    base = dict(DIGITS) if args.digits else {**BASE, "dataset": args.data}
     for spec in args.specs:
         b_text, lam_text, seed_text = spec.split(":")
         uniform = lam_text == "u"

@@ -27,7 +27,7 @@ from torch import nn
 
 from cost_models import Registry
 
-__all__ = ["DoReFa", "QuantConv2d", "QuantLinear", "WRPN", "WeightQuantizer", "quant_layers", "quantize_model",
+__all__ = ["DoReFa", "QuantConv2d", "QuantLinear", "WRPN", "WeightQuantizer", "mse_clip", "quant_layers", "quantize_model",
            "weight_quantizers"]
 
 
@@ -182,6 +182,29 @@ class _PactQuant(torch.autograd.Function):
         return gx, g_alpha.reshape(alpha.shape), g_beta.reshape(beta.shape), None
 
 
+@torch.no_grad()
+def mse_clip(x: torch.Tensor, bits: torch.Tensor | float, signed: bool, *, candidates: int = 100,
+             sample: int = 100_000) -> torch.Tensor:
+    """The PACT clip α in {max|x|·k/candidates} whose quantization of ``x`` at ``bits`` has the least
+    mean squared error (on an evenly strided sample of at most ``sample`` values).
+
+    A high quantile of |x| is a fine clip at 8 bits and a poor one at 2-3: with α at the 0.999
+    quantile and 3 levels, most activations of a deep layer round to zero, and QAT from there
+    either never recovers or diverges (uniform W2A2 on digits: 38-98% over four seeds; 96-97%
+    with this clip; runs in the message of the commit that added this).
+    """
+    flat = x.detach().flatten().float()
+    flat = flat[:: max(1, -(-flat.numel() // sample))]
+    top = flat.abs().max().clamp_min(1e-3)
+    alpha = top * torch.arange(1, candidates + 1, device=flat.device, dtype=flat.dtype)[:, None] / candidates
+    lo = -alpha if signed else torch.zeros_like(alpha)
+    levels = torch.pow(2.0, torch.as_tensor(bits, device=flat.device, dtype=flat.dtype)) - 1
+    delta = (alpha - lo) / levels
+    y = torch.maximum(torch.minimum(flat[None], alpha), lo)
+    err = (lo + delta * torch.round((y - lo) / delta) - flat[None]).square().mean(1)
+    return alpha[err.argmin(), 0]
+
+
 class _QuantMixin:
     """State and behaviour shared by QuantConv2d and QuantLinear."""
 
@@ -206,12 +229,10 @@ class _QuantMixin:
 
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
-        # PACT's clip starts at a high quantile of the first batch; signed when inputs go negative.
+        """Sign and starting clip of PACT from the first batch: the clip with the least squared
+        quantization error at this layer's starting bits (100 candidates up to max|x|)."""
         signed = bool((x < 0).any())
-        flat = x.detach().abs().flatten().float()
-        if flat.numel() > 1_000_000:
-            flat = flat[torch.randint(0, flat.numel(), (1_000_000,), device=flat.device)]
-        self.a_alpha.fill_(float(torch.quantile(flat, 0.999).clamp_min(1e-3)))
+        self.a_alpha.fill_(float(mse_clip(x, torch.round(self.a_beta.detach()), signed)))
         self.a_signed.fill_(signed)
         self._signed = signed
         self._calibrated = True
