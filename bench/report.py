@@ -185,11 +185,7 @@ def main() -> int:
                   "- The GPU results whose evidence section says 'not recorded' predate three fixes: bits started "
                   "at 8, quantization ran on the continuous-β grid, and batch-norm statistics were not re-estimated "
                   "(commits bd4b6f0, 4225bdb, 05e7f32). `bash bench/gpu_full.sh` re-measures them on a GPU.",
-                  "- Search fronts near or below the uniform baselines: trials whose target sits just above the "
-                  "all-2-bit cost and whose λ_w is large (≳ 4) lose many points, because at 2 bits the regularizer "
-                  "pulls every weight to one of four far-apart levels early in training. Since bits are projected "
-                  "onto the budget after every step (commit 20a208c) a trial at the floor no longer collapses from "
-                  "losing bits at the freeze; the remaining losses are those strengths."]
+                  "- Search fronts near or below the uniform baselines: digits is saturated (uniform W3A3 already matches FP32), so the front can at best tie the uniform curve there. The cheap-end collapses of earlier searches (trials near the all-2-bit cost at 70-87%) were not the regularizer's doing: PACT clips started at the 0.999 quantile, which at 2 bits rounds most inputs of a deep layer to zero, and 2-bit runs swung by tens of points between seeds, uniform ones included (commit 56d94cf; `low_bits_digits.jsonl` above has the runs with the least-squared-error clip that replaced it)"]
     parts += [""]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} ({len(losses)} losses listed)")
@@ -225,9 +221,18 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
                   f"{' '.join(s.get('options', []))}`: {s['seconds']:.0f} s "
                   f"wall, {s['trials_per_hour']:.1f} trials/hour. Front hypervolume {s['hypervolume']:.4f} against "
                   f"{s['baseline_hypervolume']:.4f} for the uniform baselines (reference {s['reference_point']}; "
-                  f"ratio {s['ratio']:.3f}); {s['front_size']} plans on the front.", ""]
+                  f"ratio {s['ratio']:.4f}); {s['front_size']} plans on the front.", ""]
         if s["ratio"] is not None and s["ratio"] < 1:
-            losses.append(f"search {p.stem}: front hypervolume below the uniform baselines' (ratio {s['ratio']:.3f})")
+            losses.append(f"search {p.stem}: front hypervolume below the uniform baselines' (ratio {s['ratio']:.4f})")
+    for p in sorted(res.glob("low_bits_*.jsonl")):
+        runs = pd.read_json(p, lines=True)
+        runs["run"] = runs["lambda_w"].map(lambda v: "uniform QAT" if v == "uniform" else f"learned, λ_w = {v}")
+        t = runs.pivot_table(index="seed", columns="run", values="top1").mul(100).round(1)
+        parts += [f"## Lowest bits, several seeds (`{p.name}`)", "",
+                  f"`python bench/lambda_sweep.py --digits BITS:u:SEED BITS:1:SEED ... --out {p}`: uniform "
+                  f"W{int(runs['bits'].iloc[0])}A{int(runs['bits'].iloc[0])} QAT and a learned run at its BitOps, "
+                  "top-1 % per seed (each seed has its own FP32 checkpoint).", "", _md(t.reset_index()),
+                  "", "mean: " + ", ".join(f"{c} {v:.1f}" for c, v in t.mean().items()), ""]
     for folder in sorted(res.glob("evidence-*")):
         if (folder / "preset.json").exists():
             text, lost = evidence_section(folder, Path("bench/results/figures"))
