@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +35,15 @@ def main() -> int:
     t0 = time.time()
     # Workers share the study in out/study.db; whichever claims the lock first computes the baselines.
     procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
-    codes = [p.wait() for p in procs]
+    # A SIGTERM to this script (kill, pkill) ends its workers too: left running, an orphaned worker
+    # keeps training on its study and skews the next measurement's wall time.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
     if any(codes):
         print(f"workers exited {codes}", file=sys.stderr)
         return 1
