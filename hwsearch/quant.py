@@ -190,18 +190,15 @@ def mse_clip(x: torch.Tensor, bits: torch.Tensor | float, signed: bool, *, candi
 
     A high quantile of |x| is a fine clip at 8 bits and a poor one at 2-3: with α at the 0.999
     quantile and 3 levels, most activations of a deep layer round to zero, and QAT from there
-    either never recovers or diverges (uniform W2A2 on digits: 38-98% over four seeds; 96-97%
-    with this clip; runs in the message of the commit that added this).
+    either never recovers or diverges (uniform W2A2 on digits over four seeds:
+    bench/results/cpu/low_bits_digits*.jsonl, before and after this clip).
     """
     flat = x.detach().flatten().float()
     flat = flat[:: max(1, -(-flat.numel() // sample))]
     top = flat.abs().max().clamp_min(1e-3)
     alpha = top * torch.arange(1, candidates + 1, device=flat.device, dtype=flat.dtype)[:, None] / candidates
-    lo = -alpha if signed else torch.zeros_like(alpha)
-    levels = torch.pow(2.0, torch.as_tensor(bits, device=flat.device, dtype=flat.dtype)) - 1
-    delta = (alpha - lo) / levels
-    y = torch.maximum(torch.minimum(flat[None], alpha), lo)
-    err = (lo + delta * torch.round((y - lo) / delta) - flat[None]).square().mean(1)
+    beta = torch.as_tensor(bits, device=flat.device, dtype=flat.dtype)
+    err = (_PactQuant.apply(flat[None], alpha, beta, signed) - flat[None]).square().mean(1)
     return alpha[err.argmin(), 0]
 
 

@@ -160,8 +160,9 @@ def open_study(config: SearchConfig, out: Path | None = None):
 
 @contextlib.contextmanager
 def _db_lock(url: str, name: str):
-    """A lock shared by every process that uses the database at ``url``: a PostgreSQL advisory lock,
-    or a file lock beside a SQLite file. Other databases get none."""
+    """A lock shared by every process that uses the database at ``url``: a PostgreSQL advisory lock
+    keyed by ``name``, or one file lock beside a SQLite file (for every name: the file has one
+    writer at a time anyway). Other databases get none."""
     if url.startswith("postgresql"):
         import zlib
 
@@ -181,14 +182,13 @@ def _db_lock(url: str, name: str):
     elif url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         from filelock import FileLock
 
-        suffix = "" if name.startswith("study:") else f".{name}"
-        with FileLock(url[len("sqlite:///"):] + suffix + ".lock"):
+        with FileLock(url[len("sqlite:///"):] + ".lock"):
             yield
     else:
         yield
 
 
-def _claim_lock(study, out: Path | None):
+def _claim_lock(study):
     """Serialize claiming trials across workers: count, then ask, as one step. On databases other
     than PostgreSQL and SQLite there is no cross-worker lock: at most one extra trial per racing worker."""
     storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
@@ -256,7 +256,7 @@ def _trial_config(trial, config: SearchConfig, prep) -> RunConfig:
     return replace(config.base, **fields)
 
 
-def _enqueue_anchors(study, config: SearchConfig, prep, out: Path | None) -> None:
+def _enqueue_anchors(study, config: SearchConfig, prep) -> None:
     """Queue, once per study, a trial at the cost of each uniform bitwidth in ``config.anchor_bits``
     with the base strengths (clipped to the sampled ranges).
 
@@ -270,7 +270,7 @@ def _enqueue_anchors(study, config: SearchConfig, prep, out: Path | None) -> Non
     model = get_cost_model(config.objectives[0])
     ranges = {"lambda_w": config.lambda_w_range, "lambda_b": config.lambda_b_range, "lambda_c": config.lambda_c_range}
     strengths = {name: min(max(getattr(config.base, name), lo), hi) for name, (lo, hi) in ranges.items()}
-    with _claim_lock(study, out):
+    with _claim_lock(study):
         if study.user_attrs.get("anchors_queued") is not None:
             return
         queued = []
@@ -306,7 +306,7 @@ def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress
     table = prep.table
     while True:
         chosen = None
-        with _claim_lock(study, out):
+        with _claim_lock(study):
             attrs = study.user_attrs
             now = time.time()
             pending = [b for b in _baseline_bits(config) if f"baseline_w{b}" not in attrs]
@@ -373,14 +373,14 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
             {"storage": _redact(config.storage) if config.storage else f"sqlite:///{(out / 'study.db').resolve()}",
              "study": config.study_name, "config": asdict(config)}, indent=1, default=str))
     if config.anchor_bits:
-        _enqueue_anchors(study, config, prep, out)
+        _enqueue_anchors(study, config, prep)
     if config.baselines:  # take the baselines nobody has taken yet, then go on to trials
         _run_baselines(study, config, prep, out, progress, block=False)
     ran: list[int] = []
     bar = tqdm(total=config.trials, desc="trials", disable=not progress, dynamic_ncols=True)
     try:
         while True:
-            with _claim_lock(study, out):
+            with _claim_lock(study):
                 fail_stale_trials(study)
                 c = _counts(study)
                 bar.n = min(c["COMPLETE"], config.trials)

@@ -90,7 +90,7 @@ def test_claim_lock_is_held_on_a_sqlite_study(tiny_search):
 
     out, _ = tiny_search
     study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
-    with _claim_lock(study, out), pytest.raises(Timeout):
+    with _claim_lock(study), pytest.raises(Timeout):
         FileLock(str((out / "study.db").resolve()) + ".lock", timeout=0).acquire()
     FileLock(str((out / "study.db").resolve()) + ".lock", timeout=0).acquire()  # released after the block
 

@@ -122,6 +122,8 @@ def test_pact_starting_clip_has_the_least_quantization_error(signed):
 
 
 def test_layer_calibration_uses_the_layers_starting_bits():
+    import copy
+
     from hwsearch.quant import quant_layers, quantize_model
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
@@ -129,8 +131,7 @@ def test_layer_calibration_uses_the_layers_starting_bits():
     x[0, 0, 0, 0] = 100.0  # one outlier: at 2 bits the clip must ignore it, at 8 bits less so
     alphas = {}
     for bits in (2, 8):
-        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
-        m.load_state_dict(model.state_dict())
+        m = copy.deepcopy(model)
         quantize_model(m, ["0", "2"], w_bits={"0": bits, "2": bits}, a_bits={"0": bits, "2": bits}, first_layer="0")
         layer = quant_layers(m)["0"]
         layer.quantize_input = True
