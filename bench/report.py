@@ -231,7 +231,9 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
         parts += [f"## Lowest bits, several seeds (`{p.name}`)", "",
                   f"`python bench/lambda_sweep.py --digits BITS:u:SEED BITS:1:SEED ... --out {p}`: uniform "
                   f"W{int(runs['bits'].iloc[0])}A{int(runs['bits'].iloc[0])} QAT and a learned run at its BitOps, "
-                  "top-1 % per seed (each seed has its own FP32 checkpoint).", "", _md(t.reset_index()),
+                  "top-1 % per seed (each seed has its own FP32 checkpoint)."
+                  + (f" Run on the code just before commit {p.stem.split('before_')[1]} (this script copied into "
+                     "a worktree of that commit's parent)." if "before_" in p.stem else ""), "", _md(t.reset_index()),
                   "", "mean: " + ", ".join(f"{c} {v:.1f}" for c, v in t.mean().items()), ""]
     for folder in sorted(res.glob("evidence-*")):
         if (folder / "preset.json").exists():
