@@ -17,8 +17,9 @@ import torch
 from hwsearch.config import RunConfig
 from hwsearch.costs import uniform_bits
 from hwsearch.data import TensorData
+from hwsearch.learn import Prepared, calibrate, learn_bits, quantize_prepared
 from hwsearch.rounding import BitSpace
-from hwsearch.run import Prepared, _calibrate, _quantize, _train_quantized
+from hwsearch.run import fit_plan, quantize_plan
 from hwsearch.train import fit
 
 
@@ -87,11 +88,18 @@ def main() -> int:
             def step(prep=prep):
                 fit(prep.model, prep.data, epochs=1, lr=0.05, batch_size=128, seed=0, log_every=10**9,
                     compile=args.compile)
+        elif mode == "qat":
+            layers = quantize_plan(prep.model, prep.data, prep.table, [int(b) for b in prep.w_init],
+                                   [int(b) for b in prep.a_init], config=prep.config)
+
+            def step(prep=prep, layers=layers):
+                fit_plan(prep.model, prep.data, layers, config=prep.config)
         else:
-            layers = _quantize(prep, prep.w_init, prep.a_init)
-            _calibrate(prep)
-            def step(prep=prep, layers=layers, mode=mode):
-                _train_quantized(prep, layers, learn=mode == "sinareq", progress=False, history=[])
+            layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
+            calibrate(prep.model, prep.data, 128)
+
+            def step(prep=prep, layers=layers):
+                learn_bits(prep, layers, epochs=1)
         step()  # warm-up
         times = [timed(step, device) / args.steps for _ in range(args.repeats)]
         results[mode] = min(times)

@@ -45,7 +45,15 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--init-bits", type=float,
                    help="starting bits of learned layers (default: the tightest budget as uniform bits, else b-max)")
     p.add_argument("--first-last-bits", type=int, default=8, help="bits of first and last layer (0: learn them)")
-    p.add_argument("--epochs", type=int, help="SINAREQ epochs (default: 30 on digits, 10 otherwise)")
+    p.add_argument("--allocator", choices=["sinareq", "hessian"], default="sinareq",
+                   help="who chooses the plan: sinareq (learned bits, default) or hessian (Hessian-trace "
+                        "sensitivity and an exact integer program over the budget)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs of training the chosen plan at fixed bits, as a uniform baseline gets "
+                        "(default: 30 on digits, 10 otherwise)")
+    p.add_argument("--search-epochs", type=int, help="epochs of SINAREQ's bit-learning phase (default: --epochs)")
+    p.add_argument("--plan-lambda-w", type=float,
+                   help="regularizer strength while the chosen plan trains (default 0: plain QAT, as uniform)")
     p.add_argument("--fp32-epochs", type=int, help="epochs of the cached FP32 checkpoint (default 30)")
     p.add_argument("--lambda-w", type=float, help="regularizer strength")
     p.add_argument("--lambda-b", type=float, help="bit-pressure strength")
@@ -79,7 +87,9 @@ def config_from_args(args, **overrides):
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
               "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
               "epochs": args.epochs or (30 if args.dataset == "digits" else 10)}
-    for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size"):
+    fields["allocator"] = args.allocator
+    for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size",
+                 "search_epochs", "plan_lambda_w"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields.update(overrides)
@@ -110,7 +120,9 @@ def _cmd_run(args) -> int:
         return 130
     m, plan = result.metrics, result.plan
     print(f"FP32 top-1   {m['fp32_top1']:.4f}")
-    print(f"plan top-1   {m['top1']:.4f}")
+    if "search_top1" in m:
+        print(f"search top-1 {m['search_top1']:.4f}  (end of bit learning, {config.learning_epochs} epochs)")
+    print(f"plan top-1   {m['top1']:.4f}  (the {m['allocator']} plan trained {config.epochs} epochs at fixed bits)")
     for name, budget in config.budgets.items():
         cost = m[f"cost_{name}"]
         print(f"{name:<12} {format_si(cost)} of budget {format_si(budget)} ({100 * cost / budget:.1f}%)")

@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from cost_models import get_cost_model
 
-__all__ = ["RunConfig"]
+__all__ = ["ALLOCATORS", "RunConfig"]
+
+ALLOCATORS = ("sinareq", "hessian")
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,12 @@ class RunConfig:
     first_last_bits: int = 8           # first and last weight layers fixed here (0: learn them too)
     input_bits: int = 8                # bits of the image input to the first layer
     fp32_epochs: int = 30              # epochs of the cached FP32 checkpoint
-    epochs: int = 10                   # SINAREQ epochs (learning, then fine-tuning at fixed bits)
+    allocator: str = "sinareq"         # who chooses the plan: sinareq (learned bits) | hessian (HAWQ-style ILP)
+    search_epochs: int | None = None   # epochs of the bit-learning phase (None: same as epochs)
+    hessian_batches: int = 4           # hessian allocator: training batches the Hessian traces average over
+    hessian_samples: int = 8           # hessian allocator: Hutchinson samples (Hessian-vector products) per batch
+    epochs: int = 10                   # epochs of training the plan at fixed bits (as a uniform baseline gets)
+    plan_lambda_w: float = 0.0         # regularizer strength while training a chosen plan (0: plain QAT, as uniform)
     freeze_at: float = 0.8             # fraction of steps after which bits are rounded and frozen
     reg_start: float = 0.2             # schedule: strengths switch on around this fraction of steps
     reg_width: float = 0.05            # schedule: width of the tanh switch, as a fraction of steps
@@ -42,6 +49,8 @@ class RunConfig:
     compile: bool = False              # torch.compile the training forward (fuses fake-quant kernels on GPU)
 
     def __post_init__(self) -> None:
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
         if self.quantizer not in ("dorefa", "wrpn"):
             raise ValueError(f"quantizer: expected 'dorefa' or 'wrpn', got {self.quantizer!r}")
         lowest = 2 if self.quantizer == "wrpn" else 1
@@ -53,13 +62,14 @@ class RunConfig:
                 raise ValueError(f"{name}: must be within {lowest}..16, got {v}")
         if not (self.first_last_bits == 0 or lowest <= self.first_last_bits <= 32):
             raise ValueError(f"first_last_bits: must be 0 or within {lowest}..32, got {self.first_last_bits}")
-        for name in ("fp32_epochs", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("fp32_epochs", "epochs", "batch_size", "search_epochs", "hessian_batches",
+                     "hessian_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("freeze_at", "reg_start"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
-        for name in ("lambda_w", "lambda_b", "lambda_c"):
+        for name in ("lambda_w", "lambda_b", "lambda_c", "plan_lambda_w"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "lr_fp32", "lr_quant"):
@@ -72,6 +82,17 @@ class RunConfig:
             if not value > 0:
                 raise ValueError(f"budgets[{name}]: must be > 0, got {value}")
         get_cost_model(self.cost_model)
+
+    @property
+    def learning_epochs(self) -> int:
+        """Epochs of the allocation phase of a learned run."""
+        return self.search_epochs or self.epochs
+
+    @property
+    def training_lambda_w(self) -> float:
+        """Regularizer strength while the plan trains at fixed bits: ``lambda_w`` in fixed-bit mode
+        (the regularizer enhancing uniform QAT), ``plan_lambda_w`` for a plan an allocator chose."""
+        return self.lambda_w if self.fixed_bits is not None else self.plan_lambda_w
 
     def to_dict(self) -> dict:
         return asdict(self)

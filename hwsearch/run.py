@@ -1,5 +1,11 @@
-"""The SINAREQ run: FP32 checkpoint -> learn bits under budgets -> round with a hard
-guarantee -> fine-tune at fixed bits -> plan. Also plan verification (``verify_plan``)."""
+"""A run: FP32 checkpoint -> allocation (SINAREQ bit learning, or the Hessian allocator) -> the plan
+trained at fixed bits from the same FP32 checkpoint with the recipe a uniform baseline gets -> plan.
+
+The plan's top-1 is that of the second phase, which is how DNAS, EdMIPS, HAQ and HAWQ-V3 evaluate a
+chosen plan and the only footing on which "learned beats uniform at equal cost" can be judged:
+a uniform plan (``fixed_bits``) goes through exactly the same ``train_plan``. ``verify_plan`` (the
+``apply`` command) calls ``train_plan`` too, so it reproduces a run's top-1.
+"""
 
 from __future__ import annotations
 
@@ -16,31 +22,17 @@ from cost_models import LayerTable, get_cost_model, profile
 
 from .config import RunConfig
 from .costs import FLOAT_BITS
-from .data import TensorData, load_dataset
+from .data import TensorData
+from .learn import Prepared, calibrate, learn_bits, load_data, prepare, quantize_prepared
 from .models import create_model
 from .plan import build_plan, check_plan_matches, save_plan
 from .quant import quant_layers, quantize_model
-from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
-from .sinareq import bit_pressure, budget_penalty, strength
+from .rounding import project_to_budgets
+from .sinareq import strength
 from .train import StepHook, evaluate, fit, fp32_checkpoint, recalibrate_bn, resolve_device
 
-__all__ = ["RunResult", "apply_plan", "prepare", "run", "verify_plan"]
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs before training: data on the device, the model, its table, the bit space."""
-
-    config: RunConfig
-    data: TensorData
-    model: nn.Module
-    table: LayerTable
-    quantizable: list[str]
-    space: BitSpace
-    w_init: list[float]
-    a_init: list[float]
-    device: torch.device
-    float_bits: torch.Tensor | None = None
+__all__ = ["RunResult", "allocate", "apply_plan", "fit_plan", "prepare", "quantize_plan", "run", "train_plan",
+           "verify_plan"]
 
 
 @dataclass
@@ -51,200 +43,103 @@ class RunResult:
     run_dir: Path | None
 
 
-def _load_data(config: RunConfig, device: torch.device) -> TensorData:
-    data = load_dataset(config.dataset)
-    if config.max_train or config.max_test:
-        data = data.subset(config.max_train, config.max_test, seed=0)
-    return data.to(device)
-
-
-def prepare(config: RunConfig) -> Prepared:
-    """Load data, build and profile the model, fix the bit space, and check that the budgets are
-    attainable, all before any training.
-
-    Raises:
-        InfeasibleBudget: a budget below the all-minimum cost (the message names the minimum).
-    """
-    device = resolve_device(config.device)
-    data = _load_data(config, device)
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
-    table = profile(model, data.input_shape)
-    model.to(device)
-    modules = dict(model.named_modules())
-    quantizable = [layer.name for layer in table.layers
-                   if layer.has_weight and isinstance(modules.get(layer.name), (nn.Conv2d, nn.Linear))]
-    weighted = [i for i, layer in enumerate(table.layers) if layer.name in quantizable]
-    ends = {weighted[0], weighted[-1]} if weighted and config.first_last_bits else set()
-    n = len(table)
-    free_w, free_a = [False] * n, [False] * n
-    w_init, a_init = [float(FLOAT_BITS)] * n, [float(FLOAT_BITS)] * n
-    start = float(config.fixed_bits or config.init_bits or config.b_max)
-    for i, layer in enumerate(table.layers):
-        if layer.name not in quantizable:
-            continue
-        if i in ends:
-            w_init[i] = a_init[i] = float(config.first_last_bits)
-        else:
-            w_init[i] = start
-            a_init[i] = float(config.act_bits) if config.act_bits else start
-            free_w[i] = config.fixed_bits is None
-            free_a[i] = config.fixed_bits is None and config.act_bits is None
-    if weighted:
-        a_init[weighted[0]] = float(config.input_bits)  # the image input
-        free_a[weighted[0]] = False
-    space = BitSpace(free_w, free_a, config.b_min, config.b_max)
-    budgets = [(get_cost_model(k), v) for k, v in config.budgets.items()]
-    for m, _ in budgets:
-        m.check(table)
-    if config.fixed_bits is None:
-        check_feasible(table, w_init, a_init, space, budgets)
-        if config.init_bits is None and budgets:
-            # Start at the budget expressed as uniform bits: training begins at the budget's cost and
-            # learning redistributes bits between layers instead of bringing them all down from b_max.
-            b = budget_bits(table, w_init, a_init, space, budgets)
-            w_init = [b if f else x for x, f in zip(w_init, free_w)]
-            a_init = [b if f else x for x, f in zip(a_init, free_a)]
-    else:
-        for m, b in budgets:
-            c = m(table, w_init, a_init)
-            if c > b:
-                raise ValueError(f"budget {m.name}={b:.4g}: fixed {config.fixed_bits}-bit plan costs {c:.4g} {m.unit}")
-    return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device)
-
-
-def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer (continuous) bits as two tensors aligned with the table; layers that are not
-    quantized count 32 bits (a constant made once, not per step)."""
-    w, a = [], []
-    if prep.float_bits is None:
-        prep.float_bits = torch.tensor(float(FLOAT_BITS), device=prep.device)
-    for layer in prep.table.layers:
-        mod = layers.get(layer.name)
-        if mod is None:
-            w.append(prep.float_bits)
-            a.append(prep.float_bits)
-        else:
-            w.append(mod.w_beta)
-            a.append(mod.a_beta if mod.quantize_input else mod.a_beta.detach())
-    return torch.stack(w), torch.stack(a)
-
-
-def _set_bits(layers: dict, table: LayerTable, w: list[float], a: list[float], *, freeze: bool,
-              space: BitSpace | None = None) -> None:
-    with torch.no_grad():
-        for i, layer in enumerate(table.layers):
-            mod = layers.get(layer.name)
-            if mod is None:
-                continue
-            mod.w_beta.fill_(w[i])
-            mod.a_beta.fill_(a[i])
-            mod.w_beta.requires_grad_(not freeze and space is not None and space.free_w[i])
-            mod.a_beta.requires_grad_(not freeze and space is not None and space.free_a[i])
-
-
-def _quantize(prep: Prepared, w: list[float], a: list[float]) -> dict:
-    names = prep.table.names
-    weighted = [n for n in names if n in prep.quantizable]
-    quantize_model(prep.model, prep.quantizable, quantizer=prep.config.quantizer,
-                   w_bits={n: w[names.index(n)] for n in prep.quantizable},
-                   a_bits={n: a[names.index(n)] for n in prep.quantizable},
-                   first_layer=weighted[0] if weighted else None)
-    layers = quant_layers(prep.model)
-    _set_bits(layers, prep.table, w, a, freeze=prep.config.fixed_bits is not None, space=prep.space)
+def quantize_plan(model: nn.Module, data: TensorData, table: LayerTable, w_bits: list[int], a_bits: list[int], *,
+                  config: RunConfig) -> dict:
+    """Quantize ``model`` in place at a plan's integer bits (per table row), frozen, and set every PACT
+    clip from the first training batch. Returns the quantized modules by name."""
+    layers = apply_plan(model, {"layers": [{"name": n, "weight_bits": w, "act_bits": a}
+                                           for n, w, a in zip(table.names, w_bits, a_bits)],
+                                "quantizer": {"weights": config.quantizer}}, check=False)
+    calibrate(model, data, config.batch_size)
     return layers
 
 
-def _calibrate(prep: Prepared) -> None:
-    """One forward pass on a training batch fixes every PACT clip's start and sign."""
-    x = prep.data.normalize(prep.data.x_train[: prep.config.batch_size])
-    with torch.no_grad():
-        prep.model.eval()
-        prep.model(x)
-        prep.model.train()
-
-
-def _train_quantized(prep: Prepared, layers: dict, *, learn: bool, progress: bool, history: list[dict]) -> tuple[list[int], list[int]]:
-    """The SINAREQ phase (learn=True) or fixed-bit QAT with the regularizer (learn=False).
-
-    Returns the final integer bits.
-    """
-    cfg, table, space = prep.config, prep.table, prep.space
-    budgets = [(get_cost_model(k), v) for k, v in cfg.budgets.items()]
-    pressure_model = get_cost_model(cfg.cost_model)
-    learn_w = torch.tensor(space.free_w, device=prep.device, dtype=torch.float32)
-    learn_a = torch.tensor(space.free_a, device=prep.device, dtype=torch.float32)
-    free_masks = (learn_w.bool(), learn_a.bool())  # made once: the projection runs every step
-    # Curves show the average over quantized layers (first/last included).
-    shown = torch.tensor([n in layers for n in table.names], device=prep.device, dtype=torch.float32).clamp_min(1e-9)
-    quant_params = [p for m in layers.values() for p in (m.w_beta, m.w_scale, m.a_beta, m.a_alpha)]
-    # The learned bitwidths (one 0-d parameter per layer and kind), for in-place clamps and shifts.
-    free_betas = [m.w_beta for i, n in enumerate(table.names) if space.free_w[i] and (m := layers.get(n))] + \
-                 [m.a_beta for i, n in enumerate(table.names) if space.free_a[i] and (m := layers.get(n))]
+def fit_plan(model: nn.Module, data: TensorData, layers: dict, *, config: RunConfig, progress: bool = False,
+             history: list[dict] | None = None, desc: str = "train-plan") -> None:
+    """Train a quantized model at its fixed bits: ``config.epochs`` epochs of SGD for the weights and Adam
+    for the scales and clips, the regularizer at ``config.training_lambda_w``."""
+    lam = config.training_lambda_w
     for m in layers.values():
-        m.reg_enabled = cfg.lambda_w > 0
-    state = {"frozen": not learn, "bits": None}
-    primary = budgets[0] if budgets else None
+        m.reg_enabled = lam > 0
+    quant_params = [p for m in layers.values() for p in (m.w_scale, m.a_alpha)]
+    zero = torch.zeros((), device=data.device)
 
     def loss(step: int, total: int):
-        s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
-        reg = torch.stack([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
-            if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
-        extra = cfg.lambda_w * s * reg
-        logs = {"regularizer": reg.detach()}
-        w, a = _bit_vectors(prep, layers)
-        w64, a64 = w.double(), a.double()
-        logs["avg_w_bits"] = (w.detach() * shown).sum() / shown.sum()
-        logs["avg_a_bits"] = (a.detach() * shown).sum() / shown.sum()
-        if primary:
-            # The cost of the grid being trained: round(β) (the plan a freeze now would give, before projection).
-            logs["cost_ratio"] = (primary[0].torch(table, w64.detach().round(), a64.detach().round()) / primary[1]).float()
-        if not state["frozen"]:
-            extra = extra + cfg.lambda_b * s * bit_pressure(table, w64, a64, pressure_model, learn_w.double(),
-                                                            learn_a.double()).float()
-            if budgets:
-                extra = extra + cfg.lambda_c * s * budget_penalty(table, w64, a64, budgets).float()
-        return extra, logs
+        if lam <= 0:
+            return zero, {}
+        s = strength(step, total, start=config.reg_start, width=config.reg_width)
+        regs = [m.reg_value for m in layers.values() if m.reg_value is not None]
+        reg = torch.stack(regs).sum() if regs else zero
+        return lam * s * reg, {"regularizer": reg.detach()}
 
-    def after_step(step: int, total: int):
-        if state["frozen"] or not free_betas:
-            return
-        with torch.no_grad():
-            torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
-            torch._foreach_clamp_max_(free_betas, float(cfg.b_max))
-            if budgets:
-                # Projection onto the budgets: lower every learned bit by the smallest common shift that
-                # brings the grid being trained (round(β)) within every budget. Without it the task
-                # loss lifts β above the budget, the network trains on more bits than it may keep, and
-                # the freeze takes them away at once (runs in the message of commit 20a208c).
-                w, a = _bit_vectors(prep, layers)
-                t = budget_shift(table, w, a, *free_masks, budgets, cfg.b_min, cfg.b_max)
-                torch._foreach_add_(free_betas, t.float(), alpha=-1.0)
-                torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
-        if step + 1 >= int(cfg.freeze_at * total):
-            w, a = _bit_vectors(prep, layers)
-            wi, ai = project_to_budgets(table, w.tolist(), a.tolist(), space, budgets)
-            _set_bits(layers, table, [float(b) for b in wi], [float(b) for b in ai], freeze=True)
-            state["frozen"], state["bits"] = True, (wi, ai)
-
-    fit(prep.model, prep.data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss, after_step), progress=progress,
-        desc="sinareq" if learn else f"qat-{cfg.quantizer}", history=history, compile=cfg.compile)
-    if state["bits"] is None:  # fixed-bit mode, or training ended before the freeze point
-        w, a = _bit_vectors(prep, layers)
-        state["bits"] = project_to_budgets(table, w.tolist(), a.tolist(), space, budgets)
-        _set_bits(layers, table, [float(b) for b in state["bits"][0]], [float(b) for b in state["bits"][1]], freeze=True)
-    return state["bits"]
+    fit(model, data, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+        quant_params=quant_params, lr_quant=config.lr_quant, hook=StepHook(loss), progress=progress, desc=desc,
+        history=history, compile=config.compile)
 
 
-def _u_values(layers: dict, name: str) -> list[float]:
-    m = layers[name]
+def train_plan(model: nn.Module, data: TensorData, table: LayerTable, w_bits: list[int], a_bits: list[int], *,
+               config: RunConfig, progress: bool = False, history: list[dict] | None = None,
+               desc: str = "train-plan") -> dict:
+    """Quantize ``model`` (float weights: the FP32 checkpoint) at the integer bits of a plan, train it at
+    those fixed bits (``fit_plan``), then re-estimate batch-norm statistics. Every plan (uniform,
+    learned, Hessian) is trained this way, and ``apply`` does the same.
+
+    Returns:
+        The quantized modules by name.
+    """
+    layers = quantize_plan(model, data, table, w_bits, a_bits, config=config)
+    fit_plan(model, data, layers, config=config, progress=progress, history=history, desc=desc)
+    recalibrate_bn(model, data, batch_size=config.batch_size, seed=config.seed)
+    return layers
+
+
+def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | None = None) -> dict:
+    """Choose the plan's integer bits with ``prep.config.allocator`` (uniform bits in fixed-bit mode).
+
+    ``prep.model`` holds the FP32 checkpoint; SINAREQ trains (and so changes) it, the Hessian allocator
+    only reads it. Returns ``{"w_bits", "a_bits", "search_top1" (SINAREQ), "seconds"}``.
+    """
+    cfg, t0 = prep.config, time.time()
+    budgets = [(get_cost_model(k), v) for k, v in cfg.budgets.items()]
+    out: dict = {}
+    if cfg.fixed_bits is not None:
+        w, a = project_to_budgets(prep.table, prep.w_init, prep.a_init, prep.space, budgets)
+    elif cfg.allocator == "hessian":
+        from .hessian import hessian_bits
+
+        gen = torch.Generator(device=prep.data.device).manual_seed(cfg.seed)
+        batches = []
+        for x, y in prep.data.train_batches(cfg.batch_size, gen):
+            batches.append((x, y))
+            if len(batches) == cfg.hessian_batches:
+                break
+        (w, a), sens = hessian_bits(prep.model, prep.table, prep.quantizable, prep.space, prep.w_init, prep.a_init,
+                                    budgets, batches, quantizer=cfg.quantizer, samples=cfg.hessian_samples,
+                                    seed=cfg.seed)
+        out["hessian_trace"] = {n: {"weights": sens.weight_trace[n], "inputs": sens.act_trace[n]} for n in sens.names}
+    else:
+        layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
+        calibrate(prep.model, prep.data, cfg.batch_size)
+        w, a = learn_bits(prep, layers, epochs=cfg.learning_epochs, progress=progress, history=history)
+        recalibrate_bn(prep.model, prep.data, batch_size=cfg.batch_size, seed=cfg.seed)
+        out["search_top1"] = evaluate(prep.model, prep.data)
+    out.update({"w_bits": [int(b) for b in w], "a_bits": [int(b) for b in a], "seconds": time.time() - t0})
+    return out
+
+
+def _u_values(model: nn.Module, name: str, quantizer: str) -> list[float]:
+    """One layer's float weights in the quantizer's grid units (the 'before' of weights.png)."""
+    from .quant import weight_quantizers
+
+    q = weight_quantizers.get(quantizer)
+    w = model.get_submodule(name).weight.detach()
     with torch.no_grad():
-        return m.quantizer.normalize(m.weight, m.w_scale.abs() + 1e-8).flatten().cpu().tolist()
+        return q.normalize(w, torch.tensor(q.init_scale(w))).flatten().cpu().tolist()
 
 
 def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = False) -> RunResult:
-    """Run SINAREQ (or fixed-bit QAT with ``config.fixed_bits``) and return the plan.
+    """Choose a plan (``config.allocator``; uniform bits with ``config.fixed_bits``), train it at fixed
+    bits from the FP32 checkpoint, and return it with its top-1.
 
     With ``out``, writes the run directory: config.json, plan.json/plan.csv (atomically, only on
     success), metrics.json, history.csv and plots. On Ctrl-C or a non-finite loss, metrics.json
@@ -256,27 +151,34 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "config.json", {**config.to_dict(), "resolved_device": str(prep.device)})
-    metrics: dict = {"status": "running"}
+    metrics: dict = {"status": "running", "allocator": "uniform" if config.fixed_bits else config.allocator}
     history: list[dict] = []
     try:
         ck = fp32_checkpoint(config.model, prep.model, prep.data, epochs=config.fp32_epochs, seed=config.seed,
                              lr=config.lr_fp32, batch_size=config.batch_size, progress=progress)
         metrics["fp32_top1"] = ck["top1"]
         metrics["fp32_checkpoint"] = ck["path"]
-        layers = _quantize(prep, prep.w_init, prep.a_init)
-        _calibrate(prep)
-        free = [n for i, n in enumerate(prep.table.names) if prep.space.free_w[i]] or list(layers)
-        hist_layer = max(free, key=lambda n: layers[n].weight.numel()) if free else None
-        u_before = _u_values(layers, hist_layer) if hist_layer else []
-        learn = config.fixed_bits is None
-        w_bits, a_bits = _train_quantized(prep, layers, learn=learn, progress=progress, history=history)
-        recalibrate_bn(prep.model, prep.data, batch_size=config.batch_size, seed=config.seed)
-        top1 = evaluate(prep.model, prep.data)
+        fp32_state = {k: v.detach().clone() for k, v in prep.model.state_dict().items()}
+        chosen = allocate(prep, progress=progress, history=history)
+        w_bits, a_bits = chosen.pop("w_bits"), chosen.pop("a_bits")
+        metrics["allocation"] = chosen
+        if "search_top1" in chosen:
+            metrics["search_top1"] = chosen["search_top1"]
+        # The plan trains from the FP32 checkpoint, on a model built exactly as `apply` builds it.
+        model = prep.model if config.fixed_bits is not None else _fresh_model(config, prep.data, fp32_state)
+        free = [n for i, n in enumerate(prep.table.names) if prep.space.free_w[i] and n in prep.quantizable] \
+            or list(prep.quantizable)
+        hist_layer = max(free, key=lambda n: model.get_submodule(n).weight.numel()) if free else None
+        u_before = _u_values(model, hist_layer, config.quantizer) if hist_layer else []
+        layers = train_plan(model, prep.data, prep.table, w_bits, a_bits, config=config, progress=progress,
+                            history=history, desc="train-plan" if config.fixed_bits is None else f"qat-{config.quantizer}")
+        top1 = evaluate(model, prep.data)
         metrics.update({"top1": top1, "status": "complete", "seconds": time.time() - t_start})
         plan = build_plan(model=config.model, dataset=config.dataset, table=prep.table, w_bits=w_bits, a_bits=a_bits,
                           quantizer=config.quantizer, cost_model=config.cost_model, budget=config.budgets,
-                          metrics={"top1": top1, "fp32_top1": ck["top1"]}, seed=config.seed,
-                          hyperparameters=config.to_dict())
+                          metrics={"top1": top1, "fp32_top1": ck["top1"],
+                                   **({"search_top1": metrics["search_top1"]} if "search_top1" in metrics else {})},
+                          seed=config.seed, hyperparameters=config.to_dict())
         for name, value in config.budgets.items():
             metrics[f"cost_{name}"] = get_cost_model(name)(prep.table, w_bits, a_bits)
             metrics[f"budget_{name}"] = value
@@ -290,6 +192,13 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
         if run_dir:
             _write_outputs(run_dir, metrics, history)
         raise
+
+
+def _fresh_model(config: RunConfig, data: TensorData, state: dict) -> nn.Module:
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
+    model.load_state_dict(state)
+    return model.to(data.device)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -314,18 +223,24 @@ def _write_plots(run_dir, plan, history, layers, hist_layer, u_before, config) -
     plots.save_run_plots(run_dir, plan, history, layers, hist_layer, u_before, config)
 
 
-def apply_plan(model: nn.Module, plan: dict, *, quantizer: str | None = None, first_layer: str | None = None) -> dict:
+def apply_plan(model: nn.Module, plan: dict, *, quantizer: str | None = None, first_layer: str | None = None,
+               check: bool = True) -> dict:
     """Quantize ``model`` in place at the plan's bits (frozen). Returns the quantized modules by name.
+
+    Args:
+        check: validate the plan against the model's layer table first (``False`` for a plan made from
+            that very table, which needs only ``layers`` and ``quantizer``).
 
     Raises:
         PlanError: when the plan does not fit the model.
     """
-    table = profile(model, tuple(plan["input_shape"]))
-    check_plan_matches(plan, table)
+    if check:
+        check_plan_matches(plan, profile(model, tuple(plan["input_shape"])))
     modules = dict(model.named_modules())
+    names = [layer["name"] for layer in plan["layers"]
+             if isinstance(modules.get(layer["name"]), (nn.Conv2d, nn.Linear))
+             and layer["weight_bits"] is not None and layer["weight_bits"] < FLOAT_BITS]
     by_name = {layer["name"]: layer for layer in plan["layers"]}
-    names = [n for n in table.names if isinstance(modules.get(n), (nn.Conv2d, nn.Linear))
-             and by_name[n]["weight_bits"] is not None and by_name[n]["weight_bits"] < FLOAT_BITS]
     quantize_model(model, names, quantizer=quantizer or plan["quantizer"]["weights"],
                    w_bits={n: by_name[n]["weight_bits"] for n in names},
                    a_bits={n: by_name[n]["act_bits"] for n in names},
@@ -339,10 +254,9 @@ def apply_plan(model: nn.Module, plan: dict, *, quantizer: str | None = None, fi
 
 def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", progress: bool = False,
                 out: str | Path | None = None) -> dict:
-    """Re-train at the plan's bits from the same cached FP32 checkpoint and report top-1.
-
-    The training recipe (epochs, learning rates, regularizer strength, seed, data subset) comes
-    from the plan's provenance unless overridden.
+    """Train the plan at its bits from the same cached FP32 checkpoint with the recipe recorded in its
+    provenance (``train_plan``, as ``run`` trained it) and report top-1: with the recorded epochs, on
+    the same device type, the run's own top-1 again.
     """
     hp = dict(plan["provenance"].get("hyperparameters", {}))
     known = set(RunConfig.__dataclass_fields__)
@@ -350,7 +264,7 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     cfg = replace(cfg, model=plan["model"], dataset=plan["dataset"], device=device, budgets={},
                   epochs=epochs or cfg.epochs)
     dev = resolve_device(device)
-    data = _load_data(cfg, dev)
+    data = load_data(cfg, dev)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
     table = profile(model, data.input_shape)
@@ -358,25 +272,9 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     model.to(dev)
     ck = fp32_checkpoint(cfg.model, model, data, epochs=cfg.fp32_epochs, seed=cfg.seed, lr=cfg.lr_fp32,
                          batch_size=cfg.batch_size, progress=progress)
-    layers = apply_plan(model, plan, quantizer=plan["quantizer"]["weights"])
-    prep = Prepared(cfg, data, model, table, list(layers), BitSpace([False] * len(table), [False] * len(table)),
-                    [], [], dev)
-    _calibrate(prep)
-    for m in layers.values():
-        m.reg_enabled = cfg.lambda_w > 0
-    history: list[dict] = []
-    quant_params = [p for m in layers.values() for p in (m.w_scale, m.a_alpha)]
-
-    def loss(step, total):
-        s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
-        regs = [m.reg_value for m in layers.values() if m.reg_value is not None]
-        reg = torch.stack(regs).sum() if regs else torch.zeros((), device=dev)
-        return cfg.lambda_w * s * reg, {"regularizer": reg.detach()}
-
-    fit(model, data, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss), progress=progress,
-        desc="apply", history=history)
-    recalibrate_bn(model, data, batch_size=cfg.batch_size, seed=cfg.seed)
+    by_name = {layer["name"]: layer for layer in plan["layers"]}
+    train_plan(model, data, table, [by_name[n]["weight_bits"] for n in table.names],
+               [by_name[n]["act_bits"] for n in table.names], config=cfg, progress=progress, desc="apply")
     top1 = evaluate(model, data)
     result = {"top1": top1, "plan_top1": plan["metrics"].get("top1"), "fp32_top1": ck["top1"], "epochs": cfg.epochs}
     if out:

@@ -57,6 +57,9 @@ def test_sqlite_search_finishes_the_requested_trials_with_plans(tiny_search):
         plan = t.user_attrs["plan"]
         assert plan["schema"] == "hwsearch.plan/v1" and t.values[0] == plan["metrics"]["top1"]
         assert set(t.params) == {"lambda_w", "lambda_b", "lambda_c", "target_fraction"}
+        # Search, then train: the trial's top-1 is the plan trained at fixed bits, within its budget.
+        assert "search_top1" in plan["metrics"]
+        assert plan["totals"]["bitops"] <= plan["budget"]["bitops"] * (1 + 1e-12)
     study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
     from hwsearch.pareto import baselines_frame
 

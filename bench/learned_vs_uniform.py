@@ -1,0 +1,177 @@
+"""Bench: do chosen plans beat uniform bits at the same BitOps? The decisive comparison.
+
+At the BitOps of uniform W3A3 and W4A4 (first/last layer at 8 bits), and at the geometric means
+of W2A2/W3A3 and W3A3/W4A4 where no uniform plan exists, it runs for every seed:
+
+- ``uniform``: uniform W2A2, W3A3, W4A4 (plain DoReFa + PACT QAT, ``--bits B --lambda-w 0``);
+- ``sinareq``: SINAREQ chooses the plan, which is then trained like uniform (``hwsearch run``);
+- ``hessian``: the Hessian-trace allocator chooses it (``hwsearch run --allocator hessian``);
+
+every plan trained for the same epochs from the seed's FP32 checkpoint and tested on the whole
+10,000-image CIFAR-10 test set. At the intermediate budgets the uniform value is interpolated
+linearly in log-BitOps between its neighbours, per seed (rows ``uniform-interp``).
+
+    python bench/learned_vs_uniform.py                       # the CPU preset (2 cores, < 2 hours)
+    python bench/learned_vs_uniform.py --preset gpu          # full training set, one GPU
+    python bench/report.py                                   # BENCHMARKS.md from the results
+
+Each finished run writes one JSON file under ``--out/runs-<preset>/``; a rerun skips those, so an
+interrupted bench resumes with the same command. The table is (re)written after every run to
+``--out/learned_vs_uniform.json`` (``-<preset>`` added for presets other than cpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
+PRESETS = {
+    # 2 cores: a 10,000-image training subset, the full test set; sized so that uniform W3A3's
+    # seed-to-seed spread is within 0.3 points (bench/results/cpu/learned_vs_uniform.json has it).
+    "cpu": {"run": {"max_train": 10000, "fp32_epochs": 10, "epochs": 3, "search_epochs": 2, "batch_size": 128},
+            "seeds": [0, 1, 2]},
+    "gpu": {"run": {"fp32_epochs": 15, "epochs": 6, "batch_size": 256, "lr_fp32": 0.2, "lr": 0.04, "compile": True},
+            "seeds": [0, 1, 2]},
+    "smoke": {"run": {"max_train": 256, "max_test": 256, "fp32_epochs": 1, "epochs": 1, "batch_size": 64},
+              "seeds": [0]},
+}
+UNIFORM = {"W2A2": 2, "W3A3": 3, "W4A4": 4}
+BUDGETS = ["W2.5A2.5", "W3A3", "W3.5A3.5", "W4A4"]
+BETWEEN = {"W2.5A2.5": ("W2A2", "W3A3"), "W3.5A3.5": ("W3A3", "W4A4")}
+ALLOCATORS = ["sinareq", "hessian"]
+
+
+def budgets_bitops(table) -> dict[str, float]:
+    """BitOps of uniform W2A2..W4A4 (first/last at 8) and the geometric means between them."""
+    from cost_models import get_cost_model
+    from hwsearch.costs import uniform_bits
+
+    bitops = get_cost_model("bitops")
+    out = {name: bitops(table, *uniform_bits(table, b, b)) for name, b in UNIFORM.items()}
+    for name, (lo, hi) in BETWEEN.items():
+        out[name] = math.sqrt(out[lo] * out[hi])
+    return out
+
+
+def job_list(preset: dict) -> list[dict]:
+    """Seed by seed: uniform first (the interpolation needs it), then both allocators at each budget."""
+    jobs = []
+    for seed in preset["seeds"]:
+        for name, b in UNIFORM.items():
+            jobs.append({"key": f"uniform-{name}-s{seed}", "allocator": "uniform", "budget": name, "seed": seed,
+                         "config": {"fixed_bits": b, "lambda_w": 0.0}})
+        for budget in BUDGETS:
+            for alloc in ALLOCATORS:
+                jobs.append({"key": f"{alloc}-{budget}-s{seed}", "allocator": alloc, "budget": budget, "seed": seed,
+                             "config": {"allocator": alloc}})
+    return jobs
+
+
+def run_job(job: dict, preset: dict, data: str, out: Path) -> dict:
+    from hwsearch.config import RunConfig
+    from hwsearch.run import prepare, run
+
+    base = {"dataset": data, "seed": job["seed"], **preset["run"]}
+    table = prepare(RunConfig(**base)).table
+    bitops = budgets_bitops(table)[job["budget"]]
+    cfg = RunConfig(**base, **job["config"], budgets={} if job["allocator"] == "uniform" else {"bitops": bitops})
+    t0 = time.time()
+    result = run(cfg, out=out / "runs" / job["key"])
+    record = {"budget": job["budget"], "bitops": bitops, "allocator": job["allocator"], "seed": job["seed"],
+              "top1": result.metrics["top1"], "plan_bitops": result.plan["totals"]["bitops"],
+              "fp32_top1": result.metrics["fp32_top1"], "search_top1": result.metrics.get("search_top1"),
+              "seconds": time.time() - t0,
+              "bits": [[layer["name"], layer["weight_bits"], layer["act_bits"]] for layer in result.plan["layers"]]}
+    path = out / f"{job['key']}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record
+
+
+def table_rows(records: list[dict]) -> list[dict]:
+    """The finished runs as rows, plus the interpolated uniform value at each intermediate budget and seed."""
+    keep = ("budget", "bitops", "allocator", "seed", "top1", "plan_bitops", "search_top1", "fp32_top1", "seconds")
+    rows = [{k: r.get(k) for k in keep} for r in records]
+    uniform = {(r["budget"], r["seed"]): r for r in records if r["allocator"] == "uniform"}
+    for name, (lo, hi) in BETWEEN.items():
+        for seed in sorted({r["seed"] for r in records}):
+            a, b = uniform.get((lo, seed)), uniform.get((hi, seed))
+            if not (a and b):
+                continue
+            target = math.sqrt(a["bitops"] * b["bitops"])
+            f = (math.log(target) - math.log(a["bitops"])) / (math.log(b["bitops"]) - math.log(a["bitops"]))
+            rows.append({"budget": name, "bitops": target, "allocator": "uniform-interp", "seed": seed,
+                         "top1": a["top1"] + f * (b["top1"] - a["top1"]), "plan_bitops": None})
+    order = {b: i for i, b in enumerate(["W2A2", *BUDGETS])}
+    return sorted(rows, key=lambda r: (order.get(r["budget"], 99), r["allocator"], r["seed"]))
+
+
+def write_table(out: Path, table_path: Path, preset_name: str, preset: dict, data: str) -> dict:
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    doc = {"preset": {"name": preset_name, **preset["run"], "dataset": data, "seeds": preset["seeds"],
+                      "test_images": "all" if not preset["run"].get("max_test") else preset["run"]["max_test"],
+                      "command": f"python bench/learned_vs_uniform.py --preset {preset_name}",
+                      "code": _code_version()},
+           "rows": table_rows(records)}
+    tmp = table_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, table_path)
+    return doc
+
+
+def _code_version() -> str:
+    import subprocess
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "hwsearch", "cost_models") else "")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
+    ap.add_argument("--only", help="comma-separated allocators to run (uniform, sinareq, hessian)")
+    ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
+    ap.add_argument("--deadline-s", type=float, default=float("inf"), help="start no run after this many seconds")
+    args = ap.parse_args()
+    preset = dict(PRESETS[args.preset])
+    if args.seeds:
+        preset["seeds"] = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    runs = out / f"learned_vs_uniform-runs-{args.preset}"
+    runs.mkdir(parents=True, exist_ok=True)
+    table_path = out / ("learned_vs_uniform.json" if args.preset == "cpu" else f"learned_vs_uniform-{args.preset}.json")
+    jobs = job_list(preset)
+    if args.only:
+        jobs = [j for j in jobs if j["allocator"] in args.only.split(",")]
+    todo = [j for j in jobs if not (runs / f"{j['key']}.json").exists()]
+    print(f"{len(jobs)} runs, {len(todo)} to do", flush=True)
+    t0 = time.time()
+    for job in todo:
+        if time.time() - t0 > args.deadline_s:
+            break
+        rec = run_job(job, preset, args.data, runs)
+        write_table(runs, table_path, args.preset, preset, args.data)
+        print(f"{job['key']:24s} top-1 {rec['top1']:.4f}  BitOps {rec['plan_bitops']:.4g} of {rec['bitops']:.4g}  "
+              f"({rec['seconds']:.0f} s, t={time.time() - t0:.0f} s)", flush=True)
+    doc = write_table(runs, table_path, args.preset, preset, args.data)
+    left = len([j for j in jobs if not (runs / f"{j['key']}.json").exists()])
+    print(f"{len(doc['rows'])} rows in {table_path}; {left} runs left" + (" (same command resumes)" if left else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

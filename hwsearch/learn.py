@@ -1,0 +1,240 @@
+"""Preparing a run and the SINAREQ bit-learning phase.
+
+``prepare`` loads the data, builds and profiles the model, fixes which bits may move and checks
+the budgets, all before any training. ``learn_bits`` is SINAREQ as an allocator: it trains the
+quantized model with the regularizer, the bit pressure and the budget term while the learned
+bitwidths move, projects them onto the budgets after every step, and returns the integer plan.
+The plan is then trained at fixed bits by ``hwsearch.run.train_plan``, as any other plan is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cost_models import LayerTable, get_cost_model, profile
+
+from .config import RunConfig
+from .costs import FLOAT_BITS
+from .data import TensorData, load_dataset
+from .models import create_model
+from .quant import quant_layers, quantize_model
+from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
+from .sinareq import bit_pressure, budget_penalty, strength
+from .train import StepHook, fit, resolve_device
+
+__all__ = ["Prepared", "calibrate", "learn_bits", "load_data", "prepare", "quantize_prepared"]
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs before training: data on the device, the model, its table, the bit space."""
+
+    config: RunConfig
+    data: TensorData
+    model: nn.Module
+    table: LayerTable
+    quantizable: list[str]
+    space: BitSpace
+    w_init: list[float]
+    a_init: list[float]
+    device: torch.device
+    float_bits: torch.Tensor | None = None
+
+
+def load_data(config: RunConfig, device: torch.device) -> TensorData:
+    """The configured dataset (and fixed subset) on ``device``."""
+    data = load_dataset(config.dataset)
+    if config.max_train or config.max_test:
+        data = data.subset(config.max_train, config.max_test, seed=0)
+    return data.to(device)
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Load data, build and profile the model, fix the bit space, and check that the budgets are
+    attainable, all before any training.
+
+    Raises:
+        InfeasibleBudget: a budget below the all-minimum cost (the message names the minimum).
+    """
+    device = resolve_device(config.device)
+    data = load_data(config, device)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
+    table = profile(model, data.input_shape)
+    model.to(device)
+    modules = dict(model.named_modules())
+    quantizable = [layer.name for layer in table.layers
+                   if layer.has_weight and isinstance(modules.get(layer.name), (nn.Conv2d, nn.Linear))]
+    weighted = [i for i, layer in enumerate(table.layers) if layer.name in quantizable]
+    ends = {weighted[0], weighted[-1]} if weighted and config.first_last_bits else set()
+    n = len(table)
+    free_w, free_a = [False] * n, [False] * n
+    w_init, a_init = [float(FLOAT_BITS)] * n, [float(FLOAT_BITS)] * n
+    start = float(config.fixed_bits or config.init_bits or config.b_max)
+    for i, layer in enumerate(table.layers):
+        if layer.name not in quantizable:
+            continue
+        if i in ends:
+            w_init[i] = a_init[i] = float(config.first_last_bits)
+        else:
+            w_init[i] = start
+            a_init[i] = float(config.act_bits) if config.act_bits else start
+            free_w[i] = config.fixed_bits is None
+            free_a[i] = config.fixed_bits is None and config.act_bits is None
+    if weighted:
+        a_init[weighted[0]] = float(config.input_bits)  # the image input
+        free_a[weighted[0]] = False
+    space = BitSpace(free_w, free_a, config.b_min, config.b_max)
+    budgets = [(get_cost_model(k), v) for k, v in config.budgets.items()]
+    for m, _ in budgets:
+        m.check(table)
+    if config.fixed_bits is None:
+        check_feasible(table, w_init, a_init, space, budgets)
+        if config.init_bits is None and budgets:
+            # Start at the budget expressed as uniform bits: training begins at the budget's cost and
+            # learning redistributes bits between layers instead of bringing them all down from b_max.
+            b = budget_bits(table, w_init, a_init, space, budgets)
+            w_init, a_init = space.fill(w_init, a_init, b)
+    else:
+        for m, b in budgets:
+            c = m(table, w_init, a_init)
+            if c > b:
+                raise ValueError(f"budget {m.name}={b:.4g}: fixed {config.fixed_bits}-bit plan costs {c:.4g} {m.unit}")
+    return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device)
+
+
+def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer (continuous) bits as two tensors aligned with the table; layers that are not
+    quantized count 32 bits (a constant made once, not per step)."""
+    w, a = [], []
+    if prep.float_bits is None:
+        prep.float_bits = torch.tensor(float(FLOAT_BITS), device=prep.device)
+    for layer in prep.table.layers:
+        mod = layers.get(layer.name)
+        if mod is None:
+            w.append(prep.float_bits)
+            a.append(prep.float_bits)
+        else:
+            w.append(mod.w_beta)
+            a.append(mod.a_beta if mod.quantize_input else mod.a_beta.detach())
+    return torch.stack(w), torch.stack(a)
+
+
+def set_bits(layers: dict, table: LayerTable, w: list[float], a: list[float], *, freeze: bool,
+             space: BitSpace | None = None) -> None:
+    """Write bits into the quantized modules; learned ones keep a gradient unless ``freeze``."""
+    with torch.no_grad():
+        for i, layer in enumerate(table.layers):
+            mod = layers.get(layer.name)
+            if mod is None:
+                continue
+            mod.w_beta.fill_(w[i])
+            mod.a_beta.fill_(a[i])
+            mod.w_beta.requires_grad_(not freeze and space is not None and space.free_w[i])
+            mod.a_beta.requires_grad_(not freeze and space is not None and space.free_a[i])
+
+
+def quantize_prepared(prep: Prepared, w: list[float], a: list[float], *, freeze: bool) -> dict:
+    """Swap the prepared model's quantizable layers for quantized ones at bits ``w``/``a`` (per table row)."""
+    names = prep.table.names
+    weighted = [n for n in names if n in prep.quantizable]
+    quantize_model(prep.model, prep.quantizable, quantizer=prep.config.quantizer,
+                   w_bits={n: w[names.index(n)] for n in prep.quantizable},
+                   a_bits={n: a[names.index(n)] for n in prep.quantizable},
+                   first_layer=weighted[0] if weighted else None)
+    layers = quant_layers(prep.model)
+    set_bits(layers, prep.table, w, a, freeze=freeze, space=prep.space)
+    return layers
+
+
+def calibrate(model: nn.Module, data: TensorData, batch_size: int) -> None:
+    """One forward pass on the first training batch fixes every PACT clip's start and sign."""
+    x = data.normalize(data.x_train[:batch_size])
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        model(x)
+        model.train(was)
+
+
+def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = False,
+               history: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """The SINAREQ phase: train ``prep.model`` (already quantized, ``layers``) for ``epochs`` with
+    task loss + λ_w·Σ R_l + λ_b·bit pressure + λ_c·budget term while the bitwidths learn; after
+    every step clamp them to [b_min, b_max] and project them onto the budgets; at ``freeze_at``
+    round them with the hard guarantee and freeze them (the rest fine-tunes at fixed bits).
+
+    Returns:
+        The integer weight and activation bits per table row: the plan.
+    """
+    cfg, table, space = prep.config, prep.table, prep.space
+    history = [] if history is None else history
+    budgets = [(get_cost_model(k), v) for k, v in cfg.budgets.items()]
+    pressure_model = get_cost_model(cfg.cost_model)
+    learn_w = torch.tensor(space.free_w, device=prep.device, dtype=torch.float32)
+    learn_a = torch.tensor(space.free_a, device=prep.device, dtype=torch.float32)
+    free_masks = (learn_w.bool(), learn_a.bool())  # made once: the projection runs every step
+    # Curves show the average over quantized layers (first/last included).
+    shown = torch.tensor([n in layers for n in table.names], device=prep.device, dtype=torch.float32).clamp_min(1e-9)
+    quant_params = [p for m in layers.values() for p in (m.w_beta, m.w_scale, m.a_beta, m.a_alpha)]
+    # The learned bitwidths (one 0-d parameter per layer and kind), for in-place clamps and shifts.
+    free_betas = [m.w_beta for i, n in enumerate(table.names) if space.free_w[i] and (m := layers.get(n))] + \
+                 [m.a_beta for i, n in enumerate(table.names) if space.free_a[i] and (m := layers.get(n))]
+    for m in layers.values():
+        m.reg_enabled = cfg.lambda_w > 0
+    state: dict = {"frozen": False, "bits": None}
+    primary = budgets[0] if budgets else None
+
+    def loss(step: int, total: int):
+        s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
+        reg = torch.stack([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
+            if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
+        extra = cfg.lambda_w * s * reg
+        logs = {"regularizer": reg.detach()}
+        w, a = _bit_vectors(prep, layers)
+        w64, a64 = w.double(), a.double()
+        logs["avg_w_bits"] = (w.detach() * shown).sum() / shown.sum()
+        logs["avg_a_bits"] = (a.detach() * shown).sum() / shown.sum()
+        if primary:
+            # The cost of the grid being trained: round(β) (the plan a freeze now would give, before projection).
+            logs["cost_ratio"] = (primary[0].torch(table, w64.detach().round(), a64.detach().round()) / primary[1]).float()
+        if not state["frozen"]:
+            extra = extra + cfg.lambda_b * s * bit_pressure(table, w64, a64, pressure_model, learn_w.double(),
+                                                            learn_a.double()).float()
+            if budgets:
+                extra = extra + cfg.lambda_c * s * budget_penalty(table, w64, a64, budgets).float()
+        return extra, logs
+
+    def freeze() -> None:
+        w, a = _bit_vectors(prep, layers)
+        wi, ai = project_to_budgets(table, w.tolist(), a.tolist(), space, budgets)
+        set_bits(layers, table, [float(b) for b in wi], [float(b) for b in ai], freeze=True)
+        state["frozen"], state["bits"] = True, (wi, ai)
+
+    def after_step(step: int, total: int):
+        if state["frozen"] or not free_betas:
+            return
+        with torch.no_grad():
+            torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
+            torch._foreach_clamp_max_(free_betas, float(cfg.b_max))
+            if budgets:
+                # Projection onto the budgets: lower every learned bit by the smallest common shift that
+                # brings the grid being trained (round(β)) within every budget. Without it the task
+                # loss lifts β above the budget, the network trains on more bits than it may keep, and
+                # the freeze takes them away from every layer at once.
+                w, a = _bit_vectors(prep, layers)
+                t = budget_shift(table, w, a, *free_masks, budgets, cfg.b_min, cfg.b_max)
+                torch._foreach_add_(free_betas, t.float(), alpha=-1.0)
+                torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
+        if step + 1 >= int(cfg.freeze_at * total):
+            freeze()
+
+    fit(prep.model, prep.data, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss, after_step), progress=progress,
+        desc="sinareq", history=history, compile=cfg.compile)
+    if state["bits"] is None:  # training ended before the freeze point
+        freeze()
+    return state["bits"]

@@ -1,0 +1,97 @@
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from cost_models import get_cost_model, profile
+from hwsearch.hessian import hessian_bits, hutchinson_traces, solve_bits
+from hwsearch.rounding import BitSpace, InfeasibleBudget
+
+
+def _brute_force(options, objective, costs, budgets):
+    best, best_value = None, None
+    for choice in itertools.product(*[range(len(o)) for o in options]):
+        if all(sum(c[i][j] for i, j in enumerate(choice)) <= b for c, b in zip(costs, budgets)):
+            value = sum(objective[i][j] for i, j in enumerate(choice))
+            if best_value is None or value < best_value - 1e-12:
+                best, best_value = choice, value
+    return best, best_value
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 10_000), st.floats(0.3, 1.0), st.booleans())
+def test_the_integer_program_finds_the_brute_force_optimum(layers, seed, tightness, two_budgets):
+    g = torch.Generator().manual_seed(seed)
+    bits = [2, 3, 4]
+    options = [list(itertools.product(bits, bits)) for _ in range(layers)]
+    macs = torch.randint(1, 1000, (layers,), generator=g).tolist()
+    # Loss falls with bits at a random rate per layer (like Tr(H)/n·||ΔQ||² ∝ 4^-b).
+    sw = torch.rand(layers, generator=g).tolist()
+    sa = torch.rand(layers, generator=g).tolist()
+    objective = [[sw[i] * 4.0 ** -w + sa[i] * 4.0 ** -a for w, a in options[i]] for i in range(layers)]
+    costs = [[[macs[i] * w * a for w, a in options[i]] for i in range(layers)]]
+    lo, hi = sum(m * 4 for m in macs), sum(m * 16 for m in macs)
+    budgets = [lo + tightness * (hi - lo)]
+    if two_budgets:  # a memory-like budget on the weight bits alone
+        costs.append([[macs[i] * w for w, _ in options[i]] for i in range(layers)])
+        budgets.append(sum(m * 3 for m in macs))
+    want, want_value = _brute_force(options, objective, costs, budgets)
+    got = solve_bits(options, objective, costs, budgets)
+    got_value = sum(objective[i][j] for i, j in enumerate(got))
+    assert all(sum(c[i][j] for i, j in enumerate(got)) <= b for c, b in zip(costs, budgets))
+    assert got_value == pytest.approx(want_value, rel=1e-9, abs=1e-12), (got, want)
+
+
+def test_an_impossible_budget_is_refused():
+    with pytest.raises(InfeasibleBudget):
+        solve_bits([[(2, 2), (3, 3)]], [[1.0, 0.5]], [[[4, 9]]], [3])
+
+
+def test_hutchinson_matches_the_exact_trace_of_a_quadratic():
+    # loss = CE of a linear layer: its Hessian in the weights is known in closed form; compare traces.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    x, y = torch.randn(32, 1, 2, 3), torch.randint(0, 3, (32,))
+    params = model[1].weight
+
+    def loss_of(w):
+        return nn.functional.cross_entropy(nn.functional.linear(x.flatten(1), w, model[1].bias), y)
+
+    exact = torch.autograd.functional.hessian(loss_of, params.detach()).reshape(18, 18).trace()
+    tw, ta = hutchinson_traces(model, ["1"], [(x, y)], samples=400, seed=1)
+    assert tw["1"] == pytest.approx(float(exact), rel=0.1)
+    assert ta["1"] > 0
+
+
+def test_hessian_plan_respects_fixed_layers_and_every_budget():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0 = nn.Conv2d(1, 4, 3, padding=1)
+            self.l1 = nn.Conv2d(4, 4, 3, padding=1)
+            self.l2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.l3 = nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.l2(torch.relu(self.l1(torch.relu(self.l0(x))))))
+            return self.l3(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net()
+    table = profile(model, (1, 1, 4, 4))
+    n = len(table)
+    free = [0 < i < n - 1 for i in range(n)]
+    space = BitSpace(free, free, 2, 6)
+    w0 = [8.0] * n
+    bitops = get_cost_model("bitops")
+    budget = bitops(table, [8, 3, 3, 8], [8, 3, 3, 8])
+    x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
+    (w, a), sens = hessian_bits(model, table, table.names, space, w0, w0, [(bitops, budget)], [(x, y)],
+                                quantizer="dorefa", samples=4)
+    assert (w[0], a[0], w[-1], a[-1]) == (8, 8, 8, 8)
+    assert all(2 <= b <= 6 for b in w[1:-1] + a[1:-1])
+    assert bitops(table, w, a) <= budget
+    assert set(sens.weight) == set(table.names)
