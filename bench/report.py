@@ -130,6 +130,40 @@ def evidence_section(folder: Path, figures: Path) -> tuple[str, list[str]]:
     return "\n".join(lines), losses
 
 
+def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
+    """The decisive table (bench/learned_vs_uniform.py): per budget and allocator, mean top-1, spread
+    over seeds, and the paired difference to uniform (interpolated in log-BitOps between uniform points)."""
+    doc = json.loads(path.read_text())
+    p, rows = doc["preset"], pd.DataFrame(doc["rows"])
+    lines = [f"## Chosen plans against uniform bits at equal BitOps (`{path.name}`)", "",
+             f"`{p['command']}` (code {p.get('code', '?')}): ResNet-20 on `{p['dataset']}`, "
+             + ", ".join(f"{k}={p[k]}" for k in ("max_train", "fp32_epochs", "fp32_seed", "search_epochs", "epochs",
+                                                  "batch_size") if p.get(k) is not None)
+             + f"; test images: {p.get('test_images')}; seeds {p['seeds']}. Every plan is trained at fixed bits "
+             "for the same epochs from the same FP32 checkpoint; uniform is plain DoReFa + PACT "
+             "(first/last layer at 8 bits). Top-1 in %; spread = max − min over seeds; Δ = mean of the "
+             "per-seed differences to uniform at that budget (interpolated in log-BitOps at W2.5A2.5 and W3.5A3.5).", ""]
+    if rows.empty:
+        return "\n".join(lines + ["_no finished runs_", ""]), []
+    rows["top1"] = 100 * rows["top1"]
+    reference = rows[rows.allocator.isin(["uniform", "uniform-interp"])].set_index(["budget", "seed"]).top1
+    out, losses = [], []
+    for (budget, alloc), g in rows.groupby(["budget", "allocator"], sort=False):
+        diffs = [r.top1 - reference.get((budget, r.seed), float("nan")) for r in g.itertuples()]
+        diffs = [d for d in diffs if d == d]
+        over = g.plan_bitops.dropna() / g.bitops
+        out.append({"budget": budget, "BitOps": f"{g.bitops.iloc[0]:.4g}", "allocator": alloc, "n": len(g),
+                    "mean top-1": g.top1.mean(), "spread": g.top1.max() - g.top1.min(),
+                    "Δ to uniform": sum(diffs) / len(diffs) if diffs and not alloc.startswith("uniform") else None,
+                    "per seed": ", ".join(f"{d:+.2f}" for d in diffs) if not alloc.startswith("uniform") else "",
+                    "max plan/budget": over.max() if len(over) and not alloc.startswith("uniform") else None})
+        if diffs and not alloc.startswith("uniform") and sum(diffs) / len(diffs) < 0:
+            losses.append(f"{path.name}: {alloc} at {budget}: {sum(diffs) / len(diffs):+.2f} points against uniform")
+    t = pd.DataFrame(out)
+    lines += [t.to_markdown(index=False, floatfmt=".2f"), ""]
+    return "\n".join(lines), losses
+
+
 def _bits_of_budget(r) -> int:
     return int(r.key.split("-w")[1].split("a")[0])
 
@@ -224,6 +258,10 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
                   f"ratio {s['ratio']:.4f}); {s['front_size']} plans on the front.", ""]
         if s["ratio"] is not None and s["ratio"] < 1:
             losses.append(f"search {p.stem}: front hypervolume below the uniform baselines' (ratio {s['ratio']:.4f})")
+    for p in sorted(res.glob("learned_vs_uniform*.json")):
+        text, lost = learned_vs_uniform_section(p)
+        parts += [text]
+        losses += lost
     for p in sorted(res.glob("low_bits_*.jsonl")):
         runs = pd.read_json(p, lines=True)
         runs["run"] = runs["lambda_w"].map(lambda v: "uniform QAT" if v == "uniform" else f"learned, λ_w = {v}")

@@ -63,7 +63,9 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-train", type=int, help="train on a fixed random subset of this size")
     p.add_argument("--max-test", type=int, help="test on a fixed random subset of this size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the quantized training (default 0)")
+    p.add_argument("--fp32-seed", type=int,
+                   help="seed of the FP32 checkpoint (default: --seed); fix it to compare seeds from one start")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU: fuses kernels)")
     p.add_argument("--out", help="run directory (default runs/<model>-<dataset>-<time>)")
@@ -89,7 +91,7 @@ def config_from_args(args, **overrides):
               "epochs": args.epochs or (30 if args.dataset == "digits" else 10)}
     fields["allocator"] = args.allocator
     for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size",
-                 "search_epochs", "plan_lambda_w"):
+                 "search_epochs", "plan_lambda_w", "fp32_seed"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields.update(overrides)

@@ -28,7 +28,7 @@ class RunConfig:
     fp32_epochs: int = 30              # epochs of the cached FP32 checkpoint
     allocator: str = "sinareq"         # who chooses the plan: sinareq (learned bits) | hessian (HAWQ-style ILP)
     search_epochs: int | None = None   # epochs of the bit-learning phase (None: same as epochs)
-    hessian_batches: int = 4           # hessian allocator: training batches the Hessian traces average over
+    hessian_batches: int = 2           # hessian allocator: training batches the Hessian traces average over
     hessian_samples: int = 8           # hessian allocator: Hutchinson samples (Hessian-vector products) per batch
     epochs: int = 10                   # epochs of training the plan at fixed bits (as a uniform baseline gets)
     plan_lambda_w: float = 0.0         # regularizer strength while training a chosen plan (0: plain QAT, as uniform)
@@ -42,7 +42,8 @@ class RunConfig:
     lr_fp32: float = 0.1               # SGD max learning rate of FP32 pre-training
     lr_quant: float = 0.02             # Adam learning rate for bitwidths, scales and clips
     batch_size: int = 128
-    seed: int = 0
+    seed: int = 0                      # seed of the quantized training (data order, initial state)
+    fp32_seed: int | None = None       # seed of the FP32 checkpoint (None: seed); fixing it compares seeds from one start
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     max_train: int | None = None       # use a fixed random subset of the training set
     max_test: int | None = None        # use a fixed random subset of the test set
@@ -82,6 +83,11 @@ class RunConfig:
             if not value > 0:
                 raise ValueError(f"budgets[{name}]: must be > 0, got {value}")
         get_cost_model(self.cost_model)
+
+    @property
+    def checkpoint_seed(self) -> int:
+        """The seed the FP32 checkpoint is trained (and cached) with."""
+        return self.seed if self.fp32_seed is None else self.fp32_seed
 
     @property
     def learning_epochs(self) -> int:

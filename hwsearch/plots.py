@@ -50,29 +50,50 @@ def plot_bits(plan: dict, ax=None):
 
 
 def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None):
-    """Task loss, average learned bits, and cost over budget, against step."""
+    """Task loss, average learned bits, and cost over budget, against training step (the phases of a
+    run, bit learning then training the plan, one after the other, the boundary marked)."""
     if axes is None:
         import matplotlib.pyplot as plt
 
         _, axes = plt.subplots(1, 3, figsize=(13, 3.2))
     h = history.copy()
-    h["global_step"] = range(1, len(h) + 1)
-    axes[0].plot(h["global_step"], h["task_loss"])
+    if "phase" not in h:
+        h["phase"] = "train"
+    # Steps restart in every phase: lay the phases end to end.
+    offsets, offset = {}, 0
+    for phase in dict.fromkeys(h["phase"]):
+        offsets[phase] = offset
+        offset += int(h.loc[h["phase"] == phase, "step"].max())
+    h["global_step"] = h["step"] + h["phase"].map(offsets)
+    for phase, g in h.groupby("phase", sort=False):
+        axes[0].plot(g["global_step"], g["task_loss"], label=phase)
     axes[0].set_title("task loss")
+    axes[0].set_ylabel("cross-entropy")
+    axes[0].legend(fontsize=8)
+    drawn = False
     for col, label in (("avg_w_bits", "weights"), ("avg_a_bits", "activations")):
-        if col in h:
+        if col in h and h[col].notna().any():
             axes[1].plot(h["global_step"], h[col], label=label)
-    axes[1].set_title("average learned bits")
-    axes[1].legend(fontsize=8)
-    if "cost_ratio" in h:
+            drawn = True
+    axes[1].set_title("average bits over quantized layers (plain mean)")
+    axes[1].set_ylabel("bits")
+    if drawn:
+        axes[1].legend(fontsize=8)
+    if "cost_ratio" in h and h["cost_ratio"].notna().any():
         axes[2].plot(h["global_step"], h["cost_ratio"])
         axes[2].axhline(1.0, color="k", ls="--", lw=1)
-        axes[2].set_title(f"{budget_name or 'cost'} at round(bits) / budget")
-    else:
-        axes[2].plot(h["global_step"], h.get("regularizer", h["task_loss"] * 0))
+        lo = min(0.5, float(h["cost_ratio"].min()) * 0.95)
+        axes[2].set_ylim(lo, max(1.1, float(h["cost_ratio"].max()) * 1.05))
+        axes[2].set_title(f"{budget_name or 'cost'} of round(bits) / budget")
+        axes[2].set_ylabel("ratio")
+    elif "regularizer" in h:
+        axes[2].plot(h["global_step"], h["regularizer"])
         axes[2].set_title("SINAREQ regularizer")
+        axes[2].set_ylabel("Σ R_l")
     for ax in axes:
-        ax.set_xlabel("logging point")
+        ax.set_xlabel("training step")
+        for start in list(offsets.values())[1:]:
+            ax.axvline(start, color="0.5", lw=0.8, ls=":")
     return axes
 
 

@@ -154,7 +154,7 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
     metrics: dict = {"status": "running", "allocator": "uniform" if config.fixed_bits else config.allocator}
     history: list[dict] = []
     try:
-        ck = fp32_checkpoint(config.model, prep.model, prep.data, epochs=config.fp32_epochs, seed=config.seed,
+        ck = fp32_checkpoint(config.model, prep.model, prep.data, epochs=config.fp32_epochs, seed=config.checkpoint_seed,
                              lr=config.lr_fp32, batch_size=config.batch_size, progress=progress)
         metrics["fp32_top1"] = ck["top1"]
         metrics["fp32_checkpoint"] = ck["path"]
@@ -270,7 +270,7 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     table = profile(model, data.input_shape)
     check_plan_matches(plan, table)
     model.to(dev)
-    ck = fp32_checkpoint(cfg.model, model, data, epochs=cfg.fp32_epochs, seed=cfg.seed, lr=cfg.lr_fp32,
+    ck = fp32_checkpoint(cfg.model, model, data, epochs=cfg.fp32_epochs, seed=cfg.checkpoint_seed, lr=cfg.lr_fp32,
                          batch_size=cfg.batch_size, progress=progress)
     by_name = {layer["name"]: layer for layer in plan["layers"]}
     train_plan(model, data, table, [by_name[n]["weight_bits"] for n in table.names],
