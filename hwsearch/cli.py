@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from .cli_args import bits
 from .units import parse_shape
 
 __all__ = ["main"]
@@ -22,16 +23,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump, exit 2 via main()
         raise UsageError(message)
-
-
-def _bits(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer within 1..32, got {text!r}") from None
-    if not 1 <= value <= 32:
-        raise argparse.ArgumentTypeError(f"bits must be within 1..32, got {value}")
-    return value
 
 
 def _shape(text: str):
@@ -59,14 +50,36 @@ def _cmd_cost(args) -> int:
     elif args.format == "csv":
         pd.DataFrame(rows).to_csv(sys.stdout, index=False)
     else:
-        df = pd.DataFrame(rows)
-        with pd.option_context("display.max_rows", None, "display.width", 200):
-            print(df[["name", "op", "macs", "params", "weight_bits", "act_bits", "bitops", "weight_bytes"]]
-                  .to_string(index=False))
-        print()
-        for k, v in totals.items():
-            print(f"{k:>18}: {v:,.6g}" if isinstance(v, float) else f"{k:>18}: {v:,}")
+        print(format_cost_table(rows, totals))
     return 0
+
+
+def _number(value: float, decimals: int = 0) -> str:
+    return f"{value:,.{decimals}f}" if decimals else f"{round(value):,}"
+
+
+def format_cost_table(rows: list[dict], totals: dict) -> str:
+    """The per-layer table and the totals, every number grouped in thousands with its unit in the header
+    (bytes to 0.1, accelerator cycles rounded to whole cycles)."""
+    cols = [("layer", "name", str), ("op", "op", str), ("MACs", "macs", _number), ("params", "params", _number),
+            ("w bits", "weight_bits", lambda v: "-" if v is None else str(v)), ("a bits", "act_bits", str),
+            ("BitOps", "bitops", _number), ("weight bytes", "weight_bytes", lambda v: _number(v, 1))]
+    cells = [[head for head, _, _ in cols]] + [[fmt(r[key]) for _, key, fmt in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    named = [("MACs", "macs", "MACs", 0), ("BitOps", "bitops", "BitOps", 0), ("BitOps at FP32", "bitops_fp32", "BitOps", 0),
+             ("weight memory", "weight_bytes", "bytes", 1), ("other parameters", "other_bytes", "bytes (32-bit)", 0),
+             ("weight parameters", "params", "", 0), ("avg weight bits", "avg_weight_bits",
+                                                                 "weighted by parameters", 2)]
+    named += [(f"{k[:-len('_cycles')]} cycles", k, "cycles", 0) for k in totals if k.endswith("_cycles")]
+    lines.append("")
+    for label, key, unit, decimals in named:
+        value = totals[key]
+        text = f"{value:.{decimals}f}" if key == "avg_weight_bits" else _number(value, decimals)
+        lines.append(f"{label:>18}  {text} {unit}")
+    return "\n".join(lines)
 
 
 def _cmd_models(args) -> int:
@@ -86,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="registered, torchvision, or package.module:factory")
     p.add_argument("--input-shape", type=_shape, help="e.g. 1,3,224,224 (default: the model's own size)")
     p.add_argument("--num-classes", type=int, help="default 1000 at 224x224 inputs, else 10")
-    p.add_argument("--w-bits", type=_bits, default=32, help="uniform weight bits (default 32 = float)")
-    p.add_argument("--a-bits", type=_bits, default=32, help="uniform activation bits (default 32 = float)")
+    p.add_argument("--w-bits", type=bits, default=32, help="uniform weight bits (default 32 = float)")
+    p.add_argument("--a-bits", type=bits, default=32, help="uniform activation bits (default 32 = float)")
     p.add_argument("--first-last-bits", type=int, default=8, choices=range(0, 33), metavar="{0..32}",
                    help="first and last layers kept at these bits when the uniform bits are lower (0: off)")
-    p.add_argument("--input-bits", type=_bits, default=8, help="bits of the image input (default 8)")
+    p.add_argument("--input-bits", type=bits, default=8, help="bits of the image input (default 8)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.set_defaults(handler=_cmd_cost)
 
@@ -103,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_training_commands(sub) -> None:
     """Commands of the training side (run, apply, search, pareto) are added by their modules."""
-    from . import cli_train
+    from . import cli_search, cli_train
 
     cli_train.add_commands(sub)
+    cli_search.add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

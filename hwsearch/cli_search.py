@@ -5,20 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli_train import add_run_arguments, config_from_args
+from .cli_args import add_run_arguments, config_from_args, positive_int
 from .units import slug
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -92,7 +80,9 @@ def _cmd_pareto(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("search", help="Optuna multi-objective search: top-1 against hardware cost")
     add_run_arguments(p)
-    p.add_argument("--trials", type=_positive_int, default=16, help="finished trials the study must hold")
+    p.add_argument("--out", help="run directory: trials, plots and the default SQLite study "
+                   "(default runs/search-<model>-<dataset>-<study>, so the same command resumes)")
+    p.add_argument("--trials", type=positive_int, default=16, help="finished trials the study must hold")
     p.add_argument("--objectives", default="bitops", help="costs to minimize, comma-separated (e.g. bitops,memory)")
     p.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe")
     p.add_argument("--sampler-seed", type=int, default=0)
@@ -100,8 +90,8 @@ def add_commands(sub) -> None:
     p.add_argument("--study", default="hwsearch", help="study name (workers sharing a storage join by name)")
     p.add_argument("--sample-act-bits", action="store_true", help="sample uniform activation bits per trial "
                    "instead of learning them")
-    p.add_argument("--heartbeat", type=_positive_int, default=10, help="seconds between a trial's heartbeats")
-    p.add_argument("--grace", type=_positive_int, default=30, help="seconds after which a silent trial is retried")
+    p.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between a trial's heartbeats")
+    p.add_argument("--grace", type=positive_int, default=30, help="seconds after which a silent trial is retried")
     p.add_argument("--no-baselines", action="store_true", help="skip the uniform W/A 2,3,4,8 baselines")
     p.add_argument("--anchor-bits", type=_bits_list, default=(3, 4), metavar="B,B",
                    help="the first trials aim at the cost of uniform W<B>A<B> with the base strengths "
@@ -110,8 +100,8 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("pareto", help="Pareto front, hypervolume and plots from a stored study")
     p.add_argument("run_dir", nargs="?", help="a search run directory")
-    p.add_argument("--storage")
-    p.add_argument("--study")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study's storage (instead of RUN_DIR)")
+    p.add_argument("--study", help="study name in that storage")
     p.add_argument("--out", help="output directory (default: RUN_DIR)")
     p.add_argument("--export-plans", help="write each front plan as a hwsearch.plan/v1 file here")
     p.set_defaults(handler=_cmd_pareto)

@@ -14,7 +14,7 @@ from cost_models import LayerTable
 
 from .costs import cost_report
 
-__all__ = ["PlanError", "SCHEMA", "build_plan", "check_plan_matches", "load_plan", "save_plan"]
+__all__ = ["PlanError", "SCHEMA", "build_plan", "check_plan_matches", "check_plan_totals", "load_plan", "save_plan"]
 
 SCHEMA = "hwsearch.plan/v1"
 
@@ -96,11 +96,16 @@ def _field(error) -> str:
     return "/".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
-def load_plan(path: str | Path) -> dict:
+def load_plan(path: str | Path, *, check_totals: bool = True) -> dict:
     """Read and validate a plan file (schema, types, ranges, totals consistent with the layers).
 
+    Args:
+        check_totals: also check the totals against the layers (``check_plan_totals``). A caller that
+            has the model checks its layers first (``check_plan_matches``), so that a plan missing a
+            layer is reported as that, not as a totals mismatch.
+
     Raises:
-        PlanError: naming the field that is wrong.
+        PlanError: naming the file and the field that is wrong.
     """
     import jsonschema
 
@@ -125,30 +130,37 @@ def load_plan(path: str | Path) -> dict:
         if not math.isclose(layer["bitops"], expected, rel_tol=1e-9, abs_tol=1e-6):
             raise PlanError(f"plan {path}: field layers/{i}/bitops: {layer['bitops']} != macs*weight_bits*act_bits "
                             f"= {expected}")
+    if check_totals:
+        check_plan_totals(plan, path)
+    return plan
+
+
+def check_plan_totals(plan: dict, path: str | Path = "") -> None:
+    """Raise ``PlanError`` when the plan's totals are not the sums over its layers."""
     for key in ("macs", "bitops", "weight_bytes"):
         total = math.fsum(layer[key] for layer in plan["layers"])
         if not math.isclose(plan["totals"][key], total, rel_tol=1e-9, abs_tol=1e-6):
             raise PlanError(f"plan {path}: field totals/{key}: {plan['totals'][key]} != sum over layers {total}")
-    return plan
 
 
-def check_plan_matches(plan: dict, table: LayerTable, *, b_range: tuple[int, int] = (1, 32)) -> None:
+def check_plan_matches(plan: dict, table: LayerTable, path: str | Path = "") -> None:
     """Check that a plan fits a model's layer table: every layer present, no extras, same MACs.
 
     Raises:
-        PlanError: naming the missing, extra or mismatched layers.
+        PlanError: naming the file and the missing, extra or mismatched layers.
     """
+    where = f"plan {path}: field" if path else "plan field"
     plan_names = [layer["name"] for layer in plan["layers"]]
     missing = [n for n in table.names if n not in plan_names]
     extra = [n for n in plan_names if n not in table.names]
     if missing:
-        raise PlanError(f"plan field layers: missing layers of model {plan['model']!r}: {missing}")
+        raise PlanError(f"{where} layers: missing layers of model {plan['model']!r}: {', '.join(missing)}")
     if extra:
-        raise PlanError(f"plan field layers: layers not in model {plan['model']!r}: {extra}")
+        raise PlanError(f"{where} layers: layers not in model {plan['model']!r}: {', '.join(extra)}")
     if list(plan["input_shape"]) != list(table.input_shape):
-        raise PlanError(f"plan field input_shape: {plan['input_shape']} but the data gives {list(table.input_shape)}")
+        raise PlanError(f"{where} input_shape: {plan['input_shape']} but the data gives {list(table.input_shape)}")
     by_name = {layer["name"]: layer for layer in plan["layers"]}
     for layer in table.layers:
         if by_name[layer.name]["macs"] != layer.macs:
-            raise PlanError(f"plan field layers/{layer.name}/macs: {by_name[layer.name]['macs']} but the model "
+            raise PlanError(f"{where} layers/{layer.name}/macs: {by_name[layer.name]['macs']} but the model "
                             f"has {layer.macs}")

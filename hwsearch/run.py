@@ -25,7 +25,7 @@ from .costs import FLOAT_BITS
 from .data import TensorData
 from .learn import Prepared, calibrate, learn_bits, load_data, prepare, quantize_prepared
 from .models import create_model
-from .plan import build_plan, check_plan_matches, save_plan
+from .plan import build_plan, check_plan_matches, check_plan_totals, save_plan
 from .quant import quant_layers, quantize_model
 from .rounding import project_to_budgets
 from .sinareq import strength
@@ -253,7 +253,7 @@ def apply_plan(model: nn.Module, plan: dict, *, quantizer: str | None = None, fi
 
 
 def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", progress: bool = False,
-                out: str | Path | None = None) -> dict:
+                out: str | Path | None = None, source: str | Path = "") -> dict:
     """Train the plan at its bits from the same cached FP32 checkpoint with the recipe recorded in its
     provenance (``train_plan``, as ``run`` trained it) and report top-1: with the recorded epochs, on
     the same device type, the run's own top-1 again.
@@ -268,7 +268,8 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
     table = profile(model, data.input_shape)
-    check_plan_matches(plan, table)
+    check_plan_matches(plan, table, source)
+    check_plan_totals(plan, source)
     model.to(dev)
     ck = fp32_checkpoint(cfg.model, model, data, epochs=cfg.fp32_epochs, seed=cfg.checkpoint_seed, lr=cfg.lr_fp32,
                          batch_size=cfg.batch_size, progress=progress)

@@ -15,7 +15,12 @@ def test_cost_json_totals(capsys):
 
 def test_cost_table_and_csv(capsys):
     assert main(["cost", "--model", "resnet20", "--w-bits", "4", "--a-bits", "4"]) == 0
-    assert "layer1.0.conv1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1" in out
+    # One style for every number: grouped integers, no scientific notation, whole cycles, units named.
+    assert "e+" not in out and "670,081,024 BitOps" in out and "weighted by parameters" in out
+    cycles = [line for line in out.splitlines() if line.strip().endswith(" cycles")]
+    assert len(cycles) == 3 and all("." not in line for line in cycles)
     assert main(["cost", "--model", "resnet20", "--format", "csv", "--input-shape", "1,1,8,8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("name,op,macs") and len(lines) == 1 + 20  # 19 convs and the fc

@@ -10,7 +10,6 @@ from hwsearch.plan import PlanError, load_plan
 from hwsearch.quant import quant_layers
 from hwsearch.rounding import InfeasibleBudget
 from hwsearch.run import prepare, run
-from hwsearch.units import parse_quantity
 
 FAST = ["--fp32-epochs", "8", "--epochs", "8", "--quiet"]
 
@@ -99,7 +98,6 @@ def _edit(plan_path, tmp_path, fn):
     (lambda p: p.update(schema="hwsearch.plan/v0"), "field schema"),
     (lambda p: p["layers"][3].update(weight_bits=40), "field layers/3/weight_bits"),
     (lambda p: p["totals"].update(bitops=1.0), "field totals/bitops"),
-    (lambda p: p["layers"].pop(4), "field totals/macs"),
     (lambda p: p.pop("metrics"), "'metrics' is a required property"),
 ])
 def test_bad_plans_name_the_field(digits_run, tmp_path, edit, needle, capsys):
@@ -109,6 +107,17 @@ def test_bad_plans_name_the_field(digits_run, tmp_path, edit, needle, capsys):
     assert main(["apply", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle.split()[-1] in err[0]
+
+
+def test_a_plan_with_a_layer_removed_names_the_layer_and_the_file(digits_run, tmp_path, capsys):
+    path = _edit(digits_run / "plan.json", tmp_path, lambda p: p["layers"].pop(4))  # totals left as they were
+    with pytest.raises(PlanError, match="field totals/macs"):
+        load_plan(path)  # without the model, only the totals can tell
+    assert main(["apply", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert str(path) in err[0] and "missing layers" in err[0] and "layer1.1.conv2" in err[0]
+    assert "totals" not in err[0]
 
 
 def test_plan_missing_a_layer_or_for_another_model_is_refused(digits_run, tmp_path, capsys):
@@ -164,11 +173,6 @@ def test_infeasible_budget_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "minimum attainable" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
-
-
-@pytest.mark.parametrize(("text", "value"), [("0.5G", 5e8), ("300M", 3e8), ("40KB", 4e4), ("1e9", 1e9), ("12", 12.0)])
-def test_budget_quantities_parse(text, value):
-    assert parse_quantity(text) == value
 
 
 @pytest.mark.parametrize("text", ["abc", "-1", "0", "1.5X", "", "nan"])
