@@ -62,7 +62,8 @@ def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
 
 
 def trials_frame(study) -> pd.DataFrame:
-    """One row per trial: number, state, objective values, parameters, plan (JSON text)."""
+    """One row per trial: number, state, objective values, parameters, and the plan's bits per layer
+    (``w_bits``, ``a_bits``: JSON lists in the order of the study's ``layers``)."""
     names = study.user_attrs.get("objectives") or [f"objective_{i}" for i in range(len(study.directions))]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -70,7 +71,8 @@ def trials_frame(study) -> pd.DataFrame:
         values = t.values or [np.nan] * len(names)
         row.update(dict(zip(names, values)))
         row.update({f"param_{k}": v for k, v in t.params.items()})
-        row["plan"] = json.dumps(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
+        for key in ("w_bits", "a_bits"):
+            row[key] = json.dumps(t.user_attrs[key]) if key in t.user_attrs else None
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -171,7 +173,7 @@ def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     meta = directory / "front.json"
     objectives = json.loads(meta.read_text())["objectives"] if meta.exists() else \
         [c for c in trials.columns if c == "top1"] + [c for c in trials.columns
-                                                      if c not in ("number", "state", "plan", "top1")
+                                                      if c not in ("number", "state", "w_bits", "a_bits", "top1")
                                                       and not c.startswith("param_")]
     return trials, baselines, objectives
 
@@ -196,10 +198,11 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
                "baseline_hypervolume": _hv(baselines[baselines.label != "FP32"], objectives, ref) if ref else None,
                "hypervolume_note": "objectives as minimization (1 - top1, cost / reference cost); "
                                    "reference: top-1 0 and the uniform W8A8 cost",
-               "front": [{k: v for k, v in row.items() if k != "plan"} for row in f.to_dict("records")]}
+               "layers": study.user_attrs.get("layers"),
+               "front": [{k: v for k, v in row.items() if k not in ("w_bits", "a_bits")} for row in f.to_dict("records")]}
     trials.to_csv(out / "trials.csv", index=False)
     baselines.to_csv(out / "baselines.csv", index=False)
-    f.drop(columns=["plan"], errors="ignore").to_csv(out / "front.csv", index=False)
+    f.to_csv(out / "front.csv", index=False)
     (out / "front.json").write_text(json.dumps(summary, indent=1, default=float))
     if not trials.empty and len(objectives) >= 2:
         fig = new_figure(figsize=(7, 4.5))
@@ -213,7 +216,9 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
             fig.tight_layout()
             fig.savefig(out / "hypervolume.png", dpi=110)
     if export_plans:
-        for _, row in f.iterrows():
-            if isinstance(row.get("plan"), str):
-                save_plan(json.loads(row["plan"]), Path(export_plans) / f"plan_trial{int(row['number']):04d}.json")
+        from .search import plan_of_trial
+
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for number in f["number"]:
+            save_plan(plan_of_trial(study, by_number[int(number)]), Path(export_plans) / f"plan_trial{int(number):04d}.json")
     return summary

@@ -2,8 +2,10 @@
 
 Each trial samples λ_w, λ_b, λ_c (log scale), a target cost (log-uniform between the all-minimum
 and the starting cost; user budgets stay hard caps) and, unless they are learned, activation bits;
-runs SINAREQ from the shared cached FP32 checkpoint; and stores its plan and metrics with the
-trial. Objectives: maximize top-1, minimize each named cost of the plan.
+runs SINAREQ from the shared cached FP32 checkpoint, then trains the chosen plan at fixed bits; and
+stores the plan's bits, budget and metrics with the trial (a few hundred bytes: Optuna's CLI and
+optuna-dashboard stay usable; ``plan_of_trial`` rebuilds the full plan file from them and the
+study's model). Objectives: maximize top-1, minimize each named cost of the plan.
 
 Workers coordinate through the storage alone. A trial is claimed under a lock (a PostgreSQL
 advisory lock, or a file lock beside a SQLite file), so that N workers finish exactly the
@@ -27,7 +29,7 @@ from cost_models import get_cost_model
 
 from .config import RunConfig
 
-__all__ = ["SearchConfig", "SearchError", "open_study", "search"]
+__all__ = ["SearchConfig", "SearchError", "open_study", "plan_of_trial", "search", "trial_record"]
 
 UNIFORM_BASELINE_BITS = (2, 3, 4, 8)
 
@@ -124,7 +126,7 @@ def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def open_study(config: SearchConfig, out: Path | None = None):
+def open_study(config: SearchConfig, out: Path | None = None, *, model_info: dict | None = None):
     """Create the study, or join it if it exists with the same objectives, model, data and budgets.
 
     Raises:
@@ -151,9 +153,13 @@ def open_study(config: SearchConfig, out: Path | None = None):
         study = optuna.create_study(study_name=config.study_name, storage=storage, directions=directions,
                                     sampler=sampler)
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
-        return open_study(config, out)
+        return open_study(config, out, model_info=model_info)
     study.set_user_attr("signature", signature)
     study.set_user_attr("base_config", config.base.to_dict())
+    # The model's layer names (the order of every trial's bits), input shape and classes: what
+    # plan_of_trial needs to rebuild a trial's plan.
+    for key, value in (model_info or {}).items():
+        study.set_user_attr(key, value)
     study.set_user_attr("objectives", ["top1", *config.objectives])
     return study
 
@@ -286,6 +292,44 @@ def _enqueue_anchors(study, config: SearchConfig, prep) -> None:
         study.set_user_attr("anchors_queued", queued)
 
 
+def trial_record(plan: dict) -> dict:
+    """What a trial stores of its plan: the bits in the study's layer order, the budget and the metrics."""
+    return {"w_bits": [layer["weight_bits"] for layer in plan["layers"]],
+            "a_bits": [layer["act_bits"] for layer in plan["layers"]],
+            "budget": plan["budget"], **{k: v for k, v in plan["metrics"].items() if k.endswith("top1")}}
+
+
+def plan_of_trial(study, trial) -> dict:
+    """The ``hwsearch.plan/v1`` plan of a finished trial, rebuilt from its stored bits and the study's
+    model (profiled again at the study's input shape).
+
+    Raises:
+        SearchError: the trial holds no plan (not finished, or written by another version).
+    """
+    from cost_models import profile
+
+    from .models import create_model
+    from .plan import build_plan
+
+    attrs, sattrs = trial.user_attrs, study.user_attrs
+    if "w_bits" not in attrs or "input_shape" not in sattrs:
+        raise SearchError(f"trial {trial.number} holds no plan")
+    base = RunConfig(**{k: v for k, v in sattrs["base_config"].items() if k in RunConfig.__dataclass_fields__})
+    shape = tuple(sattrs["input_shape"])
+    classes = sattrs.get("num_classes", 10)
+    model = create_model(base.model, num_classes=classes, in_channels=shape[1])
+    table = profile(model, shape)
+    if table.names != sattrs.get("layers", table.names):
+        raise SearchError(f"trial {trial.number}: the model's layers no longer match the study's")
+    params = {k: v for k, v in trial.params.items() if k in RunConfig.__dataclass_fields__}
+    hyper = {**base.to_dict(), **params, "budgets": attrs["budget"]}
+    metrics = {k: v for k, v in attrs.items() if k.endswith("top1")}
+    return build_plan(model=base.model, dataset=base.dataset, table=table,
+                      w_bits=[w if w is not None else 32 for w in attrs["w_bits"]], a_bits=attrs["a_bits"],
+                      quantizer=base.quantizer, cost_model=base.cost_model, budget=attrs["budget"], metrics=metrics,
+                      seed=base.seed, hyperparameters=hyper)
+
+
 def _objective_values(plan: dict, config: SearchConfig, table) -> list[float]:
     w = [layer["weight_bits"] or layer["act_bits"] for layer in plan["layers"]]
     a = [layer["act_bits"] for layer in plan["layers"]]
@@ -367,7 +411,9 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
         _storage(config, None)  # an unreachable server fails here, before anything is created
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    study = open_study(config, out)
+    study = open_study(config, out, model_info={"layers": list(prep.table.names),
+                                                "input_shape": list(prep.table.input_shape),
+                                                "num_classes": prep.data.num_classes})
     if out:
         (out / "search.json").write_text(json.dumps(
             {"storage": _redact(config.storage) if config.storage else f"sqlite:///{(out / 'study.db').resolve()}",
@@ -410,8 +456,8 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
                     continue
                 values = _objective_values(res.plan, config, prep.table)
                 try:
-                    trial.set_user_attr("plan", res.plan)
-                    trial.set_user_attr("top1", res.metrics["top1"])
+                    for key, value in trial_record(res.plan).items():
+                        trial.set_user_attr(key, value)
                     study.tell(trial, values)
                 except UpdateFinishedTrialError:
                     # Our heartbeat lagged past the grace period and another worker failed this

@@ -17,7 +17,7 @@ from cost_models import get_cost_model
 from hwsearch.cli import main
 from hwsearch.config import RunConfig
 from hwsearch.pareto import hypervolume, pareto_mask
-from hwsearch.search import SearchConfig, SearchError, _db_lock, open_study, search
+from hwsearch.search import SearchConfig, SearchError, _db_lock, open_study, plan_of_trial, search
 
 PG_URL = os.environ.get("HWSEARCH_TEST_PG_URL")
 TINY = ["--max-train", "256", "--max-test", "120", "--fp32-epochs", "2", "--epochs", "2", "--batch-size", "64",
@@ -53,14 +53,16 @@ def test_sqlite_search_finishes_the_requested_trials_with_plans(tiny_search):
     assert result.completed == 3 and (out / "study.db").exists()
     complete = _complete(f"sqlite:///{out / 'study.db'}", "hwsearch")
     assert len(complete) == 3
+    study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
     for t in complete:
-        plan = t.user_attrs["plan"]
+        plan = plan_of_trial(study, t)  # rebuilt from the trial's bits and the study's model
         assert plan["schema"] == "hwsearch.plan/v1" and t.values[0] == plan["metrics"]["top1"]
+        assert (plan["totals"]["bitops"], plan["metrics"]) == (t.values[1], {k: v for k, v in t.user_attrs.items()
+                                                                             if k.endswith("top1")})
         assert set(t.params) == {"lambda_w", "lambda_b", "lambda_c", "target_fraction"}
         # Search, then train: the trial's top-1 is the plan trained at fixed bits, within its budget.
         assert "search_top1" in plan["metrics"]
         assert plan["totals"]["bitops"] <= plan["budget"]["bitops"] * (1 + 1e-12)
-    study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")
     from hwsearch.pareto import baselines_frame
 
     assert baselines_frame(study)["label"].tolist() == ["W2A2", "W3A3", "W4A4", "W8A8", "FP32"]
@@ -80,7 +82,7 @@ def test_first_trials_are_anchored_at_the_uniform_costs(tiny_search):
     for t, bits in zip(trials[:2], (3, 4)):
         uniform = bitops(prep.table, *prep.space.fill(prep.w_init, prep.a_init, bits))
         assert t.params["lambda_w"] == config.base.lambda_w and t.params["lambda_c"] == config.base.lambda_c
-        assert t.user_attrs["plan"]["budget"]["bitops"] == pytest.approx(uniform, rel=1e-6)
+        assert t.user_attrs["budget"]["bitops"] == pytest.approx(uniform, rel=1e-6)
         assert t.values[1] <= uniform * (1 + 1e-6)
 
 
@@ -157,25 +159,73 @@ def test_pareto_command_writes_front_plots_and_plans(tiny_search, tmp_path, caps
     assert "hypervolume" in capsys.readouterr().out
 
 
-def test_notebooks_execute_on_a_tiny_study(tiny_search, tmp_path):
+def test_notebook_runs_headless_from_the_repository_root_with_a_relative_run_dir(tiny_search, tmp_path):
+    """The README's command, run from a directory standing for the repository root, with a relative
+    HWSEARCH_RUN_DIR (the kernel itself runs in notebooks/)."""
+    import shutil
+
     import nbformat
-    from nbclient import NotebookClient
 
     out, _ = tiny_search
-    dest = tmp_path / "p"
-    assert main(["pareto", str(out), "--out", str(dest)]) == 0
-    notebooks = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-    assert notebooks
-    for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        os.environ["HWSEARCH_RUN_DIR"] = str(dest)
-        try:
-            NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-        finally:
-            os.environ.pop("HWSEARCH_RUN_DIR")
-        outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-        assert not [o for o in outputs if o.get("output_type") == "error"]
-        assert any(o.get("output_type") == "display_data" for o in outputs), "no figure drawn"
+    root = tmp_path / "root"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "notebooks", root / "notebooks")
+    assert main(["pareto", str(out), "--out", str(root / "runs" / "s")]) == 0
+    env = {**_env(tmp_path), "HWSEARCH_RUN_DIR": "runs/s", "PWD": str(root)}
+    jupyter = Path(sys.executable).with_name("jupyter")
+    proc = subprocess.run([str(jupyter), "nbconvert", "--to", "notebook", "--execute", "notebooks/pareto.ipynb",
+                           "--output-dir", "runs/"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    nb = nbformat.read(root / "runs" / "pareto.ipynb", as_version=4)
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum(o.get("output_type") == "display_data" for o in outputs) >= 3, "a figure is missing"
+
+
+def test_trials_stay_small_for_optunas_cli(tiny_search):
+    out, _ = tiny_search
+    optuna_cli = Path(sys.executable).with_name("optuna")
+    proc = subprocess.run([str(optuna_cli), "trials", "--storage", f"sqlite:///{out / 'study.db'}", "--study-name",
+                           "hwsearch", "-f", "json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = json.loads(proc.stdout)
+    assert len(trials) >= 3
+    for t in trials:
+        assert len(json.dumps(t)) < 2048, json.dumps(t)[:300]
+
+
+def test_optuna_dashboard_serves_a_study_that_search_wrote(tiny_search, tmp_path):
+    import socket
+    import urllib.request
+
+    out, _ = tiny_search
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dashboard = Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen([str(dashboard), f"sqlite:///{out / 'study.db'}", "--host", "127.0.0.1", "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(tmp_path))
+
+    def get(path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                studies = get("/api/studies")["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        study = next(s for s in studies if s["study_name"] == "hwsearch")
+        detail = get(f"/api/studies/{study['study_id']}")
+        complete = [t for t in detail["trials"] if t["state"] == "Complete"]
+        assert len(complete) >= 3
+        assert all(any(a["key"] == "w_bits" for a in t["user_attrs"]) for t in complete)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @st.composite
