@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .cli_args import add_run_arguments, config_from_args, positive_int
-from .units import slug
+from .units import format_si, slug
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -31,13 +32,43 @@ def _cmd_search(args) -> int:
                           learn_act_bits=not args.sample_act_bits, heartbeat_s=args.heartbeat,
                           grace_s=args.grace, baselines=not args.no_baselines, anchor_bits=args.anchor_bits)
     out = Path(args.out) if args.out else Path("runs") / f"search-{slug(f'{args.model}-{args.dataset}-{args.study}')}"
-    result = search(config, out=out, progress=not args.quiet)
+    try:
+        result = search(config, out=out, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("hwsearch: search interrupted; finished trials are kept in the study; the same command resumes it",
+              file=sys.stderr)
+        return 130
     summary = write_pareto(result.study, out)
-    print(f"study        {args.study}: {result.completed} finished trials ({len(result.ran_here)} run by this worker)")
-    print(f"front        {summary['front_size']} plans; hypervolume {summary['hypervolume'] or 0:.4f} "
-          f"(uniform baselines {summary['baseline_hypervolume'] or 0:.4f})")
-    print(f"results      {out}/front.csv, {out}/pareto.png")
+    print(f"study {args.study}: {result.completed} finished trials ({len(result.ran_here)} run by this worker)")
+    _print_summary(result.study, summary, out)
     return 0
+
+
+def _print_summary(study, summary: dict, out: Path) -> None:
+    """The front as a table against the uniform curve, the FP32 point and both hypervolumes."""
+    import pandas as pd
+
+    from .pareto import baselines_frame, front_table, trials_frame
+
+    objectives = summary["objectives"]
+    baselines = baselines_frame(study)
+    table = front_table(trials_frame(study), baselines, objectives)
+    if not table.empty:
+        shown = table.copy()
+        for c in objectives[1:]:
+            shown[c] = shown[c].map(lambda v: format_si(v))
+        for c in (objectives[0], "uniform top1"):
+            shown[c] = shown[c].map(lambda v: "-" if pd.isna(v) else f"{100 * v:.2f}%")
+        shown["difference"] = shown["difference"].map(lambda v: "-" if pd.isna(v) else f"{100 * v:+.2f} pt")
+        print(shown.to_string(index=False))
+    fp32 = baselines[baselines["label"] == "FP32"] if not baselines.empty else baselines
+    if len(fp32):
+        print(f"FP32: top-1 {100 * fp32[objectives[0]].iloc[0]:.2f}% at {format_si(fp32[objectives[1]].iloc[0])} "
+              f"{objectives[1]}")
+    if summary["hypervolume"] is not None:
+        hv, base = summary["hypervolume"], summary["baseline_hypervolume"]
+        print(f"hypervolume: front {hv:.4f}, uniform baselines {base:.4f} (ratio {hv / base if base else float('nan'):.4f})")
+    print(f"written: {out}/front.csv, front.json, trials.csv, pareto.png, hypervolume.png")
 
 
 def _cmd_pareto(args) -> int:
@@ -67,11 +98,8 @@ def _cmd_pareto(args) -> int:
         raise SearchError(f"pareto: storage cannot be reached: {str(exc).splitlines()[0]}") from None
     out = Path(args.out or args.run_dir or f"runs/pareto-{study_name}")
     summary = write_pareto(study, out, export_plans=args.export_plans)
-    print(f"front        {summary['front_size']} of {summary['completed']} finished trials")
-    if summary["hypervolume"] is not None:
-        print(f"hypervolume  {summary['hypervolume']:.4f} (uniform baselines {summary['baseline_hypervolume']:.4f}; "
-              f"reference {summary['reference_point']})")
-    print(f"results      {out}/front.csv, {out}/front.json, {out}/pareto.png")
+    print(f"front: {summary['front_size']} of {summary['completed']} finished trials")
+    _print_summary(study, summary, out)
     if args.export_plans:
         print(f"plans        {args.export_plans}/")
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["front", "hypervolume", "hypervolume_history", "load_run", "pareto_mask", "plot_front",
+__all__ = ["front", "front_table", "uniform_at", "hypervolume", "hypervolume_history", "load_run", "pareto_mask", "plot_front",
            "plot_hypervolume_history", "reference_point", "trials_frame", "write_pareto"]
 
 
@@ -120,6 +120,29 @@ def _hv(df: pd.DataFrame, objectives: list[str], ref: dict) -> float:
     return hypervolume(pts / scale, ref_vec / scale)
 
 
+def uniform_at(baselines: pd.DataFrame, objectives: list[str], costs) -> np.ndarray:
+    """The uniform baselines' top-1 at each cost, interpolated linearly in log-cost between the uniform
+    points (NaN outside their range)."""
+    b = baselines[baselines["label"] != "FP32"].sort_values(objectives[1]) if not baselines.empty else baselines
+    if len(b) < 2:
+        return np.full(len(costs), np.nan)
+    x, y = np.log(b[objectives[1]].to_numpy(float)), b[objectives[0]].to_numpy(float)
+    c = np.log(np.asarray(costs, dtype=float))
+    return np.where((c >= x[0]) & (c <= x[-1]), np.interp(c, x, y), np.nan)
+
+
+def front_table(trials: pd.DataFrame, baselines: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
+    """The front by cost: trial, each cost, top-1, the uniform curve's top-1 at that cost and the difference."""
+    f = front(trials, objectives)
+    if f.empty:
+        return pd.DataFrame()
+    acc, cost = objectives[0], objectives[1]
+    table = f[["number", *objectives[1:], acc]].rename(columns={"number": "trial"}).reset_index(drop=True)
+    table["uniform top1"] = uniform_at(baselines, objectives, table[cost])
+    table["difference"] = table[acc] - table["uniform top1"]
+    return table
+
+
 def hypervolume_history(trials: pd.DataFrame, objectives: list[str], ref: dict) -> pd.DataFrame:
     done = trials[trials["state"] == "COMPLETE"].dropna(subset=objectives).sort_values("number")
     return pd.DataFrame([{"trials": k, "hypervolume": _hv(done.iloc[:k], objectives, ref)}
@@ -134,9 +157,11 @@ def plot_front(trials: pd.DataFrame, baselines: pd.DataFrame, objectives: list[s
         _, ax = plt.subplots(figsize=(7, 4.5))
     acc, cost = objectives[0], objectives[1]
     done = trials[trials["state"] == "COMPLETE"]
-    ax.scatter(done[cost], done[acc], s=18, color="0.6", label="trials")
     f = front(trials, objectives)
-    ax.plot(f[cost], f[acc], "o-", color="C0", label="Pareto front")
+    ax.plot(f[cost], f[acc], "-", color="C0", lw=1.5, label="Pareto front", zorder=1)
+    # Trials drawn over the front line, hollow, so none hides under it; front members filled.
+    ax.scatter(done[cost], done[acc], s=28, facecolors="none", edgecolors="0.4", label="trials", zorder=3)
+    ax.scatter(f[cost], f[acc], s=14, color="C0", zorder=4)
     if not baselines.empty:
         b = baselines[baselines["label"] != "FP32"]
         ax.plot(b[cost], b[acc], "s--", color="C1", label="uniform W/A")
@@ -151,12 +176,19 @@ def plot_front(trials: pd.DataFrame, baselines: pd.DataFrame, objectives: list[s
     return ax
 
 
-def plot_hypervolume_history(history: pd.DataFrame, ax=None):
+def plot_hypervolume_history(history: pd.DataFrame, ax=None, baseline: float | None = None):
+    """Hypervolume of the front as trials finish, with the uniform baselines' hypervolume as a line."""
+    from matplotlib.ticker import MaxNLocator
+
     if ax is None:
         import matplotlib.pyplot as plt
 
         _, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(history["trials"], history["hypervolume"], "o-")
+    ax.plot(history["trials"], history["hypervolume"], "o-", label="front")
+    if baseline is not None:
+        ax.axhline(baseline, color="C1", ls="--", lw=1, label="uniform baselines")
+        ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("finished trials")
     ax.set_ylabel("hypervolume")
     return ax
@@ -207,12 +239,14 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
     if not trials.empty and len(objectives) >= 2:
         fig = new_figure(figsize=(7, 4.5))
         ax = plot_front(trials, baselines, objectives, ax=fig.subplots())
-        ax.set_title(f"{study.study_name}: hypervolume {summary['hypervolume'] or 0:.4f}")
+        ax.set_title(f"{study.study_name}: hypervolume {summary['hypervolume'] or 0:.4f} "
+                     f"(uniform baselines {summary['baseline_hypervolume'] or 0:.4f})", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "pareto.png", dpi=110)
         if ref:
             fig = new_figure(figsize=(5, 3))
-            plot_hypervolume_history(hypervolume_history(trials, objectives, ref), ax=fig.subplots())
+            plot_hypervolume_history(hypervolume_history(trials, objectives, ref), ax=fig.subplots(),
+                                     baseline=summary["baseline_hypervolume"])
             fig.tight_layout()
             fig.savefig(out / "hypervolume.png", dpi=110)
     if export_plans:

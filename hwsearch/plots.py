@@ -49,9 +49,12 @@ def plot_bits(plan: dict, ax=None):
     return ax
 
 
-def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None):
+def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None, marks: dict | None = None):
     """Task loss, average learned bits, and cost over budget, against training step (the phases of a
-    run, bit learning then training the plan, one after the other, the boundary marked)."""
+    run, bit learning then training the plan, one after the other, the boundary marked).
+
+    ``marks`` maps a label to a step of the first phase (e.g. where the regularizer switches on and
+    where bits freeze); each is drawn as a labelled vertical line."""
     if axes is None:
         import matplotlib.pyplot as plt
 
@@ -92,8 +95,14 @@ def plot_curves(history: pd.DataFrame, budget_name: str | None = None, axes=None
         axes[2].set_ylabel("Σ R_l")
     for ax in axes:
         ax.set_xlabel("training step")
-        for start in list(offsets.values())[1:]:
+        for phase, start in list(offsets.items())[1:]:
             ax.axvline(start, color="0.5", lw=0.8, ls=":")
+            ax.annotate(phase, (start, 1.0), xycoords=("data", "axes fraction"), fontsize=6, xytext=(2, -9),
+                        textcoords="offset points", color="0.4")
+        for i, (label, step) in enumerate((marks or {}).items()):
+            ax.axvline(step, color=f"C{3 + i}", lw=0.8, ls="--")
+            ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), fontsize=6, xytext=(2, -18 - 9 * i),
+                        textcoords="offset points", color=f"C{3 + i}")
     return axes
 
 
@@ -104,8 +113,9 @@ def plot_weight_histogram(u_before, u_after, levels, title: str, ax=None):
     ax.hist(u_after, bins=200, alpha=0.5, label="after SINAREQ", density=True)
     for lv in levels:
         ax.axvline(lv, color="k", lw=0.6, ls=":")
-    ax.set_title(title)
-    ax.set_xlabel("normalized weight u (levels dotted)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("normalized weight u (quantization levels dotted)")
+    ax.set_ylabel("density")
     ax.legend(fontsize=8)
     return ax
 
@@ -114,8 +124,12 @@ def save_run_plots(run_dir: Path, plan, history, layers, hist_layer, u_before, c
     import torch
 
     if history:
-        fig = new_figure(figsize=(13, 3.2))
-        plot_curves(pd.DataFrame(history), next(iter(config.budgets), None), axes=fig.subplots(1, 3))
+        h = pd.DataFrame(history)
+        learned = h.loc[h["phase"] == "sinareq", "step"] if "phase" in h else pd.Series(dtype=float)
+        total = int(learned.max()) if len(learned) else 0
+        marks = {"regularizer on": config.reg_start * total, "bits frozen": config.freeze_at * total} if total else {}
+        fig = new_figure(figsize=(13, 3.4))
+        plot_curves(h, next(iter(config.budgets), None), axes=fig.subplots(1, 3), marks=marks)
         fig.tight_layout()
         fig.savefig(run_dir / "curves.png", dpi=110)
     fig = new_figure(figsize=(max(6, 0.35 * len(plan["layers"])), 3.5))
@@ -132,7 +146,8 @@ def save_run_plots(run_dir: Path, plan, history, layers, hist_layer, u_before, c
         n = round((1.0 - lo) / delta)
         levels = [lo + k * delta for k in range(n + 1)]
         fig = new_figure(figsize=(7, 3.2))
-        plot_weight_histogram(u_before, u_after, levels, f"{hist_layer} at {bits} bits ({m.quantizer.name})",
-                              ax=fig.subplots())
+        plot_weight_histogram(u_before, u_after, levels,
+                              f"{hist_layer} at {bits} bits ({m.quantizer.name}): the largest layer whose bits "
+                              "were chosen", ax=fig.subplots())
         fig.tight_layout()
         fig.savefig(run_dir / "weights.png", dpi=110)
