@@ -35,7 +35,7 @@ class RunConfig:
     freeze_at: float = 0.8             # fraction of steps after which bits are rounded and frozen
     reg_start: float = 0.2             # schedule: strengths switch on around this fraction of steps
     reg_width: float = 0.05            # schedule: width of the tanh switch, as a fraction of steps
-    lambda_w: float = 1.0              # SINAREQ regularizer strength (CIFAR-10 CPU preset: 1 beat 3 and 10; see README)
+    lambda_w: float = 1.0              # SINAREQ regularizer strength while bits learn (and in fixed-bit mode)
     lambda_b: float = 0.05             # bit-pressure strength
     lambda_c: float = 2.0              # budget-term strength
     lr: float = 0.02                   # SGD max learning rate for weights when fine-tuning quantized

@@ -11,9 +11,8 @@ SINAREQ regularizer uses, so the network always trains on a grid it can be deplo
 straight-through estimators carry gradients: one for rounding values, written so that the step
 size (hence the bitwidth and the scale) gets a gradient (as in LSQ, Esser et al. 2020):
 ``q = Δ * (x/Δ + stopgrad(round(x/Δ) - x/Δ))``, and one for rounding β, so that β moves
-continuously while the grid changes only when β crosses a half-integer. (A grid at continuous
-β, as DESIGN.md first had it, made the bits' freeze a jump onto a new grid for every layer at
-once; on the CPU preset that cost 15-20 points at the W3A3 budget.)
+continuously while the grid changes only when β crosses a half-integer, so the freeze never moves
+a layer onto a new grid (docs/design.md).
 """
 
 from __future__ import annotations
@@ -190,8 +189,7 @@ def mse_clip(x: torch.Tensor, bits: torch.Tensor | float, signed: bool, *, candi
 
     A high quantile of |x| is a fine clip at 8 bits and a poor one at 2-3: with α at the 0.999
     quantile and 3 levels, most activations of a deep layer round to zero, and QAT from there
-    either never recovers or diverges (uniform W2A2 on digits over four seeds:
-    bench/results/cpu/low_bits_digits*.jsonl, before and after this clip).
+    either never recovers or diverges.
     """
     flat = x.detach().flatten().float()
     flat = flat[:: max(1, -(-flat.numel() // sample))]

@@ -266,9 +266,7 @@ def _enqueue_anchors(study, config: SearchConfig, prep) -> None:
     """Queue, once per study, a trial at the cost of each uniform bitwidth in ``config.anchor_bits``
     with the base strengths (clipped to the sampled ranges).
 
-    Random start-up trials rarely land at the cheap end, where the uniform curve holds most of its
-    area: on the CIFAR-10 CPU preset 8 trials left 234 M to 755 M BitOps (W2A2 to W4A4) empty
-    (bench/results/cpu/search-cifar at commit 10e01cb).
+    Random start-up trials rarely land at the cheap end, where the uniform curve holds most of its area.
     An anchored trial is a learned plan at the budget of uniform W<b>A<b>; the sampler takes over
     after them.
     """

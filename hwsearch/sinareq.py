@@ -25,9 +25,9 @@ def regularizer(w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor, quanti
     in ``w`` points to the nearest level, and its gradients in ``beta`` and ``scale`` move the
     period. The normalization 1/2^β weighs the penalty of each layer but is detached from β's
     gradient: left in, its -ln2·R term always favours more weight bits and, at the strengths that
-    pull weights onto levels (λ_w ≈ 10), it outweighs the budget term, so activations alone paid
-    for the budget (measured on digits: W≈7/A≈2 plans below uniform W4A4). (``QuantConv2d``/``QuantLinear`` call the same ``WeightQuantizer.penalty`` inside their forward pass
-    from the ``u`` they already have.)
+    pull weights onto levels, outweighs the budget term, so activations alone pay for the budget.
+    (``QuantConv2d``/``QuantLinear`` call the same ``WeightQuantizer.penalty`` inside their forward
+    pass from the ``u`` they already have.)
     """
     return quantizer.penalty(quantizer.normalize(w, scale), beta)
 
