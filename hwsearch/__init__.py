@@ -4,6 +4,7 @@ from cost_models import LayerTable, get_cost_model, profile
 
 from .costs import cost_report, uniform_bits
 from .data import TensorData, load_dataset
+from .export import export_onnx, load_quantized
 from .models import create_model, list_models
 from .profiling import profile_model
 
@@ -14,10 +15,12 @@ __all__ = [
     "TensorData",
     "__version__",
     "cost_report",
+    "export_onnx",
     "create_model",
     "get_cost_model",
     "list_models",
     "load_dataset",
+    "load_quantized",
     "profile",
     "profile_model",
     "uniform_bits",

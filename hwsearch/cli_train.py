@@ -37,14 +37,15 @@ def _cmd_run(args) -> int:
     shown = set()
     for name, budget in config.budgets.items():
         cost, unit = m[f"cost_{name}"], units.get(name, get_cost_model(name).unit)
-        print(f"{name:<14} {format_si(cost, unit)} of budget {format_si(budget, unit)} ({100 * cost / budget:.1f}%)")
+        print(f"{name:<14} {format_si(cost)} {unit} of budget {format_si(budget)} {unit} ({100 * cost / budget:.1f}%)")
         shown.add(name)
     if "bitops" not in shown:
-        print(f"{'bitops':<14} {format_si(totals['bitops'], 'BitOps')} (FP32 {format_si(totals['bitops_fp32'], 'BitOps')})")
+        print(f"{'bitops':<14} {format_si(totals['bitops'])} BitOps (FP32 {format_si(totals['bitops_fp32'])} BitOps)")
     if "memory" not in shown:
-        print(f"{'memory':<14} {format_si(totals['weight_bytes'], 'B')} of weights")
+        print(f"{'memory':<14} {format_si(totals['weight_bytes'])} B of weights")
     print(f"{'weight bits':<14} {totals['avg_weight_bits']:.2f} on average, weighted by parameters")
-    print(f"written        {out}/: plan.json, plan.csv, metrics.json, history.csv, curves.png, bits.png, weights.png")
+    print(f"written        {out}/: plan.json, plan.csv, model.pt, metrics.json, history.csv, curves.png, bits.png, "
+          "weights.png")
     print(f"next           hwsearch apply {out / 'plan.json'}   (trains the plan again and checks its top-1)")
     return 0
 
@@ -62,6 +63,33 @@ def _cmd_apply(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import json
+
+    import torch
+
+    from .config import RunConfig
+    from .export import checkpoint_plan, export_onnx, load_quantized, onnx_top1
+    from .learn import load_data
+    from .train import evaluate
+
+    run_dir = Path(args.run_dir)
+    model, plan = load_quantized(run_dir), checkpoint_plan(run_dir)
+    out = Path(args.out) if args.out else run_dir / "model.onnx"
+    info = export_onnx(model, plan, out)
+    print(f"written        {out} ({info['bytes']:,} bytes; with float weights: {info['float_bytes']:,} bytes)")
+    if args.verify:
+        cfg_path = run_dir / "config.json"
+        fields = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        known = {k: v for k, v in fields.items() if k in RunConfig.__dataclass_fields__}
+        cfg = RunConfig(**{**known, "model": plan["model"], "dataset": plan["dataset"], "budgets": {}})
+        data = load_data(cfg, torch.device("cpu"))
+        print(f"plan top-1     {plan['metrics'].get('top1', float('nan')):.4f}  (recorded in the plan)")
+        print(f"PyTorch top-1  {evaluate(model, data):.4f}  (model.pt, {len(data.y_test)} test images)")
+        print(f"ONNX top-1     {onnx_top1(out, data):.4f}  (onnxruntime on the CPU, same images)")
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("run", help="learn per-layer bits under hardware budgets (SINAREQ) and write a plan")
     add_run_arguments(p)
@@ -76,3 +104,11 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="directory for verify.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_cmd_apply)
+
+    p = sub.add_parser("export", help="write a run's trained quantized model for deployment (ONNX with Q/DQ)")
+    p.add_argument("run_dir", help="a run directory holding model.pt (from hwsearch run or apply --out)")
+    p.add_argument("--format", choices=["onnx"], required=True, help="output format (onnx)")
+    p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the graph with onnxruntime on the run's test split; print its top-1 beside PyTorch's")
+    p.set_defaults(handler=_cmd_export)

@@ -70,7 +70,7 @@ def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int]
         "totals": {k: totals[k] for k in ("macs", "bitops", "bitops_fp32", "weight_bytes", "other_bytes",
                                           "avg_weight_bits")},
         "metrics": dict(metrics),
-        "provenance": {"hwsearch": __version__, "torch": torch.__version__, "seed": seed,
+        "provenance": {"hwsearch": __version__, "torch": str(torch.__version__), "seed": seed,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "hyperparameters": dict(hyperparameters)},
     }

@@ -85,6 +85,19 @@ class WeightQuantizer(ABC):
     def init_scale(self, w: torch.Tensor) -> float:
         return float(w.detach().abs().max().clamp_min(1e-8))
 
+    @abstractmethod
+    def code_step(self, bits: int, scale: torch.Tensor) -> torch.Tensor:
+        """The weight-space distance between neighbouring levels at integer ``bits``: every quantized
+        weight is an integer multiple of it (``codes``)."""
+
+    @torch.no_grad()
+    def codes(self, w: torch.Tensor, bits: int, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer codes c and the step such that the quantized weights are exactly ``step * c``: the
+        layer's weights as a deployment stores them (at most 2^bits distinct codes)."""
+        w_hat, _ = self.quantize(w, torch.tensor(float(bits), device=w.device), scale)
+        step = self.code_step(bits, scale)
+        return torch.round(w_hat / step).to(torch.int32), step
+
 
 class DoReFa(WeightQuantizer):
     """DoReFa (Zhou et al. 2016): u = tanh(w)/(2 max|tanh w|) + 1/2 in [0, 1], Δ = 1/(2^β - 1),
@@ -108,6 +121,10 @@ class DoReFa(WeightQuantizer):
     def dequantize(self, q, scale):
         return scale * (2 * q - 1)
 
+    def code_step(self, bits, scale):
+        # ŵ = s(2k/(2^b - 1) - 1) = s/(2^b - 1) · (2k - (2^b - 1)): odd codes in ±(2^b - 1).
+        return scale / (2.0**bits - 1)
+
 
 class WRPN(WeightQuantizer):
     """WRPN (Mishra et al. 2018): u = clip(w/s, -1, 1), symmetric levels k/(2^(β-1) - 1), ŵ = s q."""
@@ -124,6 +141,10 @@ class WRPN(WeightQuantizer):
 
     def dequantize(self, q, scale):
         return scale * q
+
+    def code_step(self, bits, scale):
+        # ŵ = s · k/(2^(b-1) - 1), k in ±(2^(b-1) - 1).
+        return scale / (2.0 ** (bits - 1) - 1)
 
     def _clip(self, q):
         return q.clamp(-1.0, 1.0)
@@ -213,6 +234,7 @@ class _QuantMixin:
         self.register_buffer("a_signed", torch.tensor(False, device=device))
         self.quantize_input = quantize_input  # False for the first layer: its input is the 8-bit image
         self.quant_enabled = True
+        self.deployed = False  # weights already on their grid (a loaded checkpoint): used as they are
         self._calibrated = False  # Python flags, not tensors: no host sync in the forward pass
         self._signed = False
         self.reg_enabled = False
@@ -233,7 +255,7 @@ class _QuantMixin:
         self._calibrated = True
 
     def _quant_weight(self) -> torch.Tensor:
-        if not self.quant_enabled:
+        if self.deployed or not self.quant_enabled:
             self.reg_value = None
             return self.weight
         w_hat, u = self.quantizer.quantize(self.weight, self.w_beta, self.w_scale.abs() + 1e-8)

@@ -41,6 +41,7 @@ class RunResult:
     metrics: dict
     history: list[dict]
     run_dir: Path | None
+    model: nn.Module | None = None  # the trained quantized model (deploy it with hwsearch.export)
 
 
 def quantize_plan(model: nn.Module, data: TensorData, table: LayerTable, w_bits: list[int], a_bits: list[int], *,
@@ -183,10 +184,13 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
             metrics[f"cost_{name}"] = get_cost_model(name)(prep.table, w_bits, a_bits)
             metrics[f"budget_{name}"] = value
         if run_dir:
+            from .export import save_quantized
+
             save_plan(plan, run_dir / "plan.json")
+            save_quantized(model, plan, run_dir / "model.pt", num_classes=prep.data.num_classes)
             _write_outputs(run_dir, metrics, history)
             _write_plots(run_dir, plan, history, layers, hist_layer, u_before, config)
-        return RunResult(plan, metrics, history, run_dir)
+        return RunResult(plan, metrics, history, run_dir, model)
     except BaseException as exc:
         metrics["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed: {exc}"
         if run_dir:
@@ -279,7 +283,13 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     top1 = evaluate(model, data)
     result = {"top1": top1, "plan_top1": plan["metrics"].get("top1"), "fp32_top1": ck["top1"], "epochs": cfg.epochs}
     if out:
+        from .export import save_quantized
+
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        trained = {**plan, "metrics": {**plan["metrics"], "top1": top1}}
+        save_plan(trained, out / "plan.json")
+        save_quantized(model, trained, out / "model.pt", num_classes=data.num_classes)
+        _write_json(out / "config.json", cfg.to_dict())
         _write_json(out / "verify.json", result)
     return result
