@@ -20,6 +20,8 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
+from common import code_version
+
 DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
 PRESETS = {
     # CPU: every table at seed 0; seeds 1 and 2 repeat only the 4-bit rows (claim and learned vs
@@ -128,20 +130,6 @@ def _fp32(model: str, seed: int, preset: dict, data: str, threads: int) -> float
                            batch_size=cfg.batch_size)["top1"]
 
 
-def _code_version() -> str:
-    """The commit of hwsearch/ and cost_models/ the jobs run, with '+changes' when they differ from it."""
-    import subprocess
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "hwsearch", "cost_models") else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -162,7 +150,7 @@ def main() -> int:
     jobs = job_list(preset, args.data)
     todo = [j for j in jobs if not (out / f"{j['key']}.json").exists()]
     (out / "preset.json").write_text(json.dumps({"preset": args.preset, **preset, "data": args.data,
-                                                 "code": _code_version(),
+                                                 "code": code_version(),
                                                  "jobs": len(jobs), "workers": workers}, indent=1))
     print(f"{len(jobs)} jobs, {len(todo)} to run, {workers} workers", flush=True)
     t0 = time.time()

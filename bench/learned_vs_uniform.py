@@ -29,6 +29,8 @@ import os
 import time
 from pathlib import Path
 
+from common import code_version
+
 DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
 PRESETS = {
     # 2 cores: an 8,000-image training subset, the full test set, one FP32 checkpoint (fp32_seed 0)
@@ -124,25 +126,12 @@ def write_table(out: Path, table_path: Path, preset_name: str, preset: dict, dat
     doc = {"preset": {"name": preset_name, **preset["run"], "dataset": data, "seeds": preset["seeds"],
                       "test_images": "all" if not preset["run"].get("max_test") else preset["run"]["max_test"],
                       "command": f"python bench/learned_vs_uniform.py --preset {preset_name}",
-                      "code": _code_version()},
+                      "code": code_version()},
            "rows": table_rows(records)}
     tmp = table_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, table_path)
     return doc
-
-
-def _code_version() -> str:
-    import subprocess
-
-    def git(*a: str) -> str:
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "hwsearch", "cost_models") else "")
 
 
 def main() -> int:

@@ -71,6 +71,7 @@ def test_run_then_apply_round_trips(digits_run, capsys):
     # the two are the same computation. Half an image (of 360) of slack for floating-point summation order.
     assert result["top1"] == pytest.approx(plan["metrics"]["top1"], abs=0.5 / 360)
     assert "re-trained top-1" in capsys.readouterr().out
+    assert (out / "model.pt").is_file() and (out / "plan.json").is_file()  # apply --out keeps its trained model
 
 
 def test_apply_quantizes_the_plans_layers_at_the_plans_bits(digits_run):

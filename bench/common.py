@@ -1,0 +1,18 @@
+"""What the bench scripts share (they run as `python bench/NAME.py`, so this imports as `common`)."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def code_version() -> str:
+    """The commit of hwsearch/ and cost_models/ the runs use, with '+changes' when they differ from it."""
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "hwsearch", "cost_models") else "")
