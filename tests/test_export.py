@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
     """A learned DoReFa ResNet-20 plan and a uniform 3-bit WRPN one on digits, trained briefly."""
     os.environ["HWSEARCH_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     base = tmp_path_factory.mktemp("export")
-    fast = {"fp32_epochs": 4, "epochs": 3, "search_epochs": 2}
+    fast = {"fp32_epochs": 8, "epochs": 2, "search_epochs": 1}  # the FP32 checkpoint test_run.py caches too
     dorefa = run(RunConfig(budgets={"bitops": 2e7}, **fast), out=base / "dorefa")
     wrpn = run(RunConfig(quantizer="wrpn", fixed_bits=3, lambda_w=0.0, **fast), out=base / "wrpn")
     return {"dorefa": dorefa, "wrpn": wrpn}
