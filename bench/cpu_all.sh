@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU preset of every bench, in an order that keeps timings clean (timed benches first,
-# alone), then BENCHMARKS.md. About 50 minutes on a 2-core machine.
+# alone), then BENCHMARKS.md. About 4 hours on a 2-core machine (the decisive comparison and its
+# search are most of it); each part resumes where it stopped.
 #
 #   bash bench/cpu_all.sh [RESULTS_DIR]        # default bench/results/cpu
 #   CIFAR=path/to/cifar10-jpeg.tar.gz           # default ../shared/data/cifar10-jpeg.tar.gz
@@ -32,6 +33,13 @@ if [ -f "$CIFAR" ]; then
   stamp "8-trial search on the CIFAR-10 CPU preset"
   $PY bench/search_bench.py --dataset "imagefolder:$CIFAR" --trials 8 --out "$RES/search-cifar" \
       --max-train 2000 --max-test 1000 --fp32-epochs 10 --epochs 4 > "$RES/search-cifar.log" 2>&1
+fi
+if [ -f "$CIFAR" ]; then
+  stamp "the decisive comparison: uniform, SINAREQ and Hessian plans at four budgets, three seeds"
+  $PY bench/learned_vs_uniform.py --data "imagefolder:$CIFAR" --out "$RES" > "$RES/learned_vs_uniform.log" 2>&1
+  stamp "a search on the decisive preset"
+  $PY bench/search_bench.py --dataset "imagefolder:$CIFAR" --trials 8 --out "$RES/search-decisive" \
+      --max-train 8000 --fp32-epochs 10 --fp32-seed 0 --epochs 4 --search-epochs 2 > "$RES/search-decisive.log" 2>&1
 fi
 $PY bench/report.py --results "$RES" --out "$RES/BENCHMARKS.md"
 stamp done
