@@ -156,7 +156,10 @@ def test_pareto_command_writes_front_plots_and_plans(tiny_search, tmp_path, caps
     assert len(plans) == summary["front_size"]
     for p in plans:
         load_plan(p)
-    assert "hypervolume" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # The front as a table against the uniform curve, the FP32 point and both hypervolumes.
+    assert "uniform top1" in printed and "difference" in printed and "FP32: top-1" in printed
+    assert "hypervolume: front" in printed and "uniform baselines" in printed
 
 
 def test_notebook_runs_headless_from_the_repository_root_with_a_relative_run_dir(tiny_search, tmp_path):
@@ -351,3 +354,15 @@ def test_two_workers_on_postgresql_finish_exactly_the_requested_trials(tmp_path)
     ran = [int(p.name) for i in range(2) for p in (tmp_path / f"w{i}" / "trials").glob("*")]
     assert sorted(ran) == sorted(t.number for t in trials)  # each trial ran once, by one worker
     assert all((tmp_path / f"w{i}" / "trials").exists() for i in range(2)), "one worker did everything"
+
+
+def test_uniform_curve_is_interpolated_in_log_cost():
+    import pandas as pd
+
+    from hwsearch.pareto import uniform_at
+
+    baselines = pd.DataFrame([{"label": "W2A2", "top1": 0.5, "bitops": 10.0}, {"label": "W4A4", "top1": 0.7, "bitops": 1000.0},
+                              {"label": "FP32", "top1": 0.9, "bitops": 1e6}])
+    got = uniform_at(baselines, ["top1", "bitops"], [10.0, 100.0, 1000.0, 5.0, 2000.0])
+    assert got[:3] == pytest.approx([0.5, 0.6, 0.7])
+    assert np.isnan(got[3]) and np.isnan(got[4])  # outside the uniform points (FP32 is not one)
