@@ -47,7 +47,8 @@ def test_run_searches_then_trains_the_plan(digits_run):
 
 def test_hessian_allocator_plans_within_budget_and_apply_reproduces_it(tmp_path, capsys):
     out = tmp_path / "h"
-    assert main(["run", "--allocator", "hessian", "--budget-bitops", "20M", "--out", str(out), *FAST]) == 0
+    quick = ["--fp32-epochs", "8", "--epochs", "2", "--quiet"]  # the FP32 checkpoint digits_run cached
+    assert main(["run", "--allocator", "hessian", "--budget-bitops", "20M", "--out", str(out), *quick]) == 0
     plan = load_plan(out / "plan.json")
     metrics = json.loads((out / "metrics.json").read_text())
     assert plan["totals"]["bitops"] <= 20e6 and metrics["allocator"] == "hessian"
