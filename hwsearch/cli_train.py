@@ -37,12 +37,14 @@ def _cmd_run(args) -> int:
     shown = set()
     for name, budget in config.budgets.items():
         cost, unit = m[f"cost_{name}"], units.get(name, get_cost_model(name).unit)
-        print(f"{name:<14} {format_si(cost)} {unit} of budget {format_si(budget)} {unit} ({100 * cost / budget:.1f}%)")
+        sep = "" if unit == "B" else " "  # 164KB, 39.5M BitOps
+        print(f"{name:<14} {format_si(cost)}{sep}{unit} of budget {format_si(budget)}{sep}{unit} "
+              f"({100 * cost / budget:.1f}%)")
         shown.add(name)
     if "bitops" not in shown:
         print(f"{'bitops':<14} {format_si(totals['bitops'])} BitOps (FP32 {format_si(totals['bitops_fp32'])} BitOps)")
     if "memory" not in shown:
-        print(f"{'memory':<14} {format_si(totals['weight_bytes'])} B of weights")
+        print(f"{'memory':<14} {format_si(totals['weight_bytes'])}B of weights")
     print(f"{'weight bits':<14} {totals['avg_weight_bits']:.2f} on average, weighted by parameters")
     print(f"written        {out}/: plan.json, plan.csv, model.pt, metrics.json, history.csv, curves.png, bits.png, "
           "weights.png")
