@@ -71,12 +71,12 @@ def _cmd_export(args) -> int:
     import torch
 
     from .config import RunConfig
-    from .export import checkpoint_plan, export_onnx, load_quantized, onnx_top1
+    from .export import export_onnx, load_quantized, onnx_top1
     from .learn import load_data
     from .train import evaluate
 
     run_dir = Path(args.run_dir)
-    model, plan = load_quantized(run_dir), checkpoint_plan(run_dir)
+    model, plan = load_quantized(run_dir, with_plan=True)
     out = Path(args.out) if args.out else run_dir / "model.onnx"
     info = export_onnx(model, plan, out)
     print(f"written        {out} ({info['bytes']:,} bytes; with float weights: {info['float_bytes']:,} bytes)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .quant import _QuantMixin, quant_layers
 
-__all__ = ["ExportError", "checkpoint_plan", "export_onnx", "load_quantized", "onnx_top1", "pack_levels",
+__all__ = ["ExportError", "export_onnx", "load_quantized", "onnx_top1", "pack_levels",
            "save_quantized", "unpack_levels"]
 
 FORMAT = "hwsearch.quantized/v1"
@@ -113,11 +113,6 @@ def _checkpoint_path(run_dir: str | Path) -> Path:
     return p / "model.pt"
 
 
-def checkpoint_plan(run_dir: str | Path) -> dict:
-    """The plan stored in ``RUN_DIR/model.pt`` (the bits and identity of the trained model)."""
-    return _read(_checkpoint_path(run_dir))["plan"]
-
-
 def _read(path: Path) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -131,8 +126,9 @@ def _read(path: Path) -> dict:
         raise ExportError(f"{path} is damaged or not a hwsearch checkpoint: {text}") from None
 
 
-def load_quantized(run_dir: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the trained quantized model from ``RUN_DIR/model.pt`` (or that file), in eval mode.
+def load_quantized(run_dir: str | Path, *, device: str | torch.device = "cpu", with_plan: bool = False):
+    """Rebuild the trained quantized model from ``RUN_DIR/model.pt`` (or that file), in eval mode;
+    with ``with_plan``, return ``(model, plan)`` (the plan stored with it), reading the file once.
 
     Raises:
         ExportError: no checkpoint, a damaged one, or a model whose layers do not fit its plan.
@@ -177,7 +173,8 @@ def load_quantized(run_dir: str | Path, *, device: str | torch.device = "cpu") -
             m.deployed = True
             m._signed = bool(entry["input_signed"])
             m._calibrated = True
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    return (model, plan) if with_plan else model
 
 
 # ---------------------------------------------------------------- ONNX
@@ -227,6 +224,8 @@ def export_onnx(model: nn.Module, plan: dict, path: str | Path) -> dict:
     from onnx import TensorProto, helper, numpy_helper
 
     layers = quant_layers(model)
+    if not all(m.deployed for m in layers.values()):
+        raise ExportError("export_onnx: give the model load_quantized returns (its weights stored as integer codes)")
     shape = tuple(plan["input_shape"])
     buf = io.BytesIO()
     with warnings.catch_warnings():

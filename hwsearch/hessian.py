@@ -97,9 +97,10 @@ class Sensitivity:
 
 @torch.no_grad()
 def _errors(model: nn.Module, names: Sequence[str], x: torch.Tensor, quantizer: WeightQuantizer,
-            bits: Sequence[int]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+            bits: Sequence[int]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]], dict[str, int]]:
     """Squared quantization error of each module's weight (``quantizer`` at its starting scale) and of its
-    input on batch ``x`` (PACT at the least-squared-error clip for that bitwidth), at each of ``bits``."""
+    input on batch ``x`` (PACT at the least-squared-error clip for that bitwidth), at each of ``bits``;
+    and the number of elements of each input."""
     modules = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach()))
@@ -128,7 +129,7 @@ def _errors(model: nn.Module, names: Sequence[str], x: torch.Tensor, quantizer: 
                 ew[n][b] = float("inf")
             alpha = mse_clip(xin, beta, signed)
             ea[n][b] = float((_PactQuant.apply(xin, alpha, beta, signed) - xin).square().sum())
-    return ew, ea
+    return ew, ea, {n: inputs[n].numel() for n in names}
 
 
 def sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
@@ -140,17 +141,7 @@ def sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[
     tw, ta = hutchinson_traces(model, names, batches, samples=samples, seed=seed)
     modules = dict(model.named_modules())
     x0 = batches[0][0]
-    ew, ea = _errors(model, names, x0, q, bits)
-    numel_in: dict[str, int] = {}
-    handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: numel_in.__setitem__(n, args[0].numel()))
-               for n in names]
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        model(x0)
-        model.train(was)
-    for h in handles:
-        h.remove()
+    ew, ea, numel_in = _errors(model, names, x0, q, bits)
     # Tr(H) is estimated on several batches but errors on the first: both are per-element averages
     # (the trace over the tensor's elements), so Ω = mean curvature × total squared error.
     weight = {n: {b: max(tw[n], 0.0) / modules[n].weight.numel() * ew[n][b] for b in bits} for n in names}

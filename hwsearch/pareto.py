@@ -250,9 +250,11 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
             fig.tight_layout()
             fig.savefig(out / "hypervolume.png", dpi=110)
     if export_plans:
-        from .search import plan_of_trial
+        from .search import plan_of_trial, study_table
 
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        table = study_table(study) if len(f) else None  # profiled once for every plan
         for number in f["number"]:
-            save_plan(plan_of_trial(study, by_number[int(number)]), Path(export_plans) / f"plan_trial{int(number):04d}.json")
+            plan = plan_of_trial(study, by_number[int(number)], table=table)
+            save_plan(plan, Path(export_plans) / f"plan_trial{int(number):04d}.json")
     return summary

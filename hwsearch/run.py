@@ -162,9 +162,9 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
         fp32_state = {k: v.detach().clone() for k, v in prep.model.state_dict().items()}
         chosen = allocate(prep, progress=progress, history=history)
         w_bits, a_bits = chosen.pop("w_bits"), chosen.pop("a_bits")
-        metrics["allocation"] = chosen
         if "search_top1" in chosen:
-            metrics["search_top1"] = chosen["search_top1"]
+            metrics["search_top1"] = chosen.pop("search_top1")
+        metrics["allocation"] = chosen
         # The plan trains from the FP32 checkpoint, on a model built exactly as `apply` builds it.
         model = prep.model if config.fixed_bits is not None else _fresh_model(config, prep.data, fp32_state)
         free = [n for i, n in enumerate(prep.table.names) if prep.space.free_w[i] and n in prep.quantizable] \

@@ -29,7 +29,7 @@ from cost_models import get_cost_model
 
 from .config import RunConfig
 
-__all__ = ["SearchConfig", "SearchError", "open_study", "plan_of_trial", "search", "trial_record"]
+__all__ = ["SearchConfig", "SearchError", "open_study", "plan_of_trial", "search", "study_table", "trial_record"]
 
 UNIFORM_BASELINE_BITS = (2, 3, 4, 8)
 
@@ -297,28 +297,38 @@ def trial_record(plan: dict) -> dict:
             "budget": plan["budget"], **{k: v for k, v in plan["metrics"].items() if k.endswith("top1")}}
 
 
-def plan_of_trial(study, trial) -> dict:
+def study_table(study):
+    """The layer table of the study's model at its input shape (profiled again from its stored identity)."""
+    from cost_models import profile
+
+    from .models import create_model
+
+    sattrs = study.user_attrs
+    if "input_shape" not in sattrs:
+        raise SearchError(f"study {study.study_name!r} does not record its model's input shape")
+    base = sattrs["base_config"]
+    shape = tuple(sattrs["input_shape"])
+    model = create_model(base["model"], num_classes=sattrs.get("num_classes", 10), in_channels=shape[1])
+    table = profile(model, shape)
+    if table.names != sattrs.get("layers", table.names):
+        raise SearchError(f"study {study.study_name!r}: the model's layers no longer match the study's")
+    return table
+
+
+def plan_of_trial(study, trial, *, table=None) -> dict:
     """The ``hwsearch.plan/v1`` plan of a finished trial, rebuilt from its stored bits and the study's
-    model (profiled again at the study's input shape).
+    model (``table``: the study's layer table, ``study_table(study)`` when not given).
 
     Raises:
         SearchError: the trial holds no plan (not finished, or written by another version).
     """
-    from cost_models import profile
-
-    from .models import create_model
     from .plan import build_plan
 
     attrs, sattrs = trial.user_attrs, study.user_attrs
     if "w_bits" not in attrs or "input_shape" not in sattrs:
         raise SearchError(f"trial {trial.number} holds no plan")
     base = RunConfig(**{k: v for k, v in sattrs["base_config"].items() if k in RunConfig.__dataclass_fields__})
-    shape = tuple(sattrs["input_shape"])
-    classes = sattrs.get("num_classes", 10)
-    model = create_model(base.model, num_classes=classes, in_channels=shape[1])
-    table = profile(model, shape)
-    if table.names != sattrs.get("layers", table.names):
-        raise SearchError(f"trial {trial.number}: the model's layers no longer match the study's")
+    table = study_table(study) if table is None else table
     params = {k: v for k, v in trial.params.items() if k in RunConfig.__dataclass_fields__}
     hyper = {**base.to_dict(), **params, "budgets": attrs["budget"]}
     metrics = {k: v for k, v in attrs.items() if k.endswith("top1")}
