@@ -86,7 +86,8 @@ class CostModel(ABC):
 
     @abstractmethod
     def layer_costs(self, table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor) -> torch.Tensor:
-        """Per-layer cost, a tensor of ``len(table)``, differentiable in the bits."""
+        """Per-layer cost, a tensor of ``len(table)``, differentiable in the bits. Bits of shape
+        ``(..., len(table))`` (a batch of plans) give costs of that shape."""
 
     def check(self, table: LayerTable) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` when this model cannot price ``table`` (e.g. a LUT missing layers)."""
@@ -230,8 +231,8 @@ class LookupTable(CostModel):
         rows = torch.arange(len(table), device=a_bits.device)
         w0, a0 = torch.floor(w_bits.detach()).long(), torch.floor(a_bits.detach()).long()
         fw, fa = w_bits - w0, a_bits - a0
-        total = torch.zeros_like(a_bits)
-        missing = torch.zeros(len(table), dtype=torch.bool, device=a_bits.device)
+        total = torch.zeros_like(a_bits + w_bits)
+        missing = torch.zeros(total.shape, dtype=torch.bool, device=a_bits.device)
         for dw, weight_w in ((0, 1 - fw), (1, fw)):
             for da, weight_a in ((0, 1 - fa), (1, fa)):
                 weight = weight_w * weight_a
@@ -240,9 +241,12 @@ class LookupTable(CostModel):
                 missing |= used & torch.isnan(value)
                 total = total + torch.where(used, weight * torch.nan_to_num(value), torch.zeros_like(total))
         if bool(missing.any()):  # one host sync per evaluation
-            i = int(missing.nonzero()[0])
+            n = len(table)
+            row, i = (int(v) for v in missing.reshape(-1, n).nonzero()[0])
+            wv = (w_bits + 0 * a_bits).reshape(-1, n)[row, i]
+            av = (a_bits + 0 * w_bits).reshape(-1, n)[row, i]
             raise ValueError(f"lut {self.path}: layer {table.names[i]!r} has no measurement around "
-                             f"w_bits={float(w_bits[i]):g}, a_bits={float(a_bits[i]):g}")
+                             f"w_bits={float(wv):g}, a_bits={float(av):g}")
         return total
 
 

@@ -19,6 +19,7 @@ from cost_models import LayerTable, get_cost_model, profile
 from .config import RunConfig
 from .costs import FLOAT_BITS
 from .data import TensorData, load_dataset
+from .fused import stack_scalars
 from .models import create_model
 from .quant import quant_layers, quantize_model
 from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
@@ -120,7 +121,7 @@ def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tens
         else:
             w.append(mod.w_beta)
             a.append(mod.a_beta if mod.quantize_input else mod.a_beta.detach())
-    return torch.stack(w), torch.stack(a)
+    return stack_scalars(w), stack_scalars(a)
 
 
 def set_bits(layers: dict, table: LayerTable, w: list[float], a: list[float], *, freeze: bool,
@@ -190,7 +191,7 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
 
     def loss(step: int, total: int):
         s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
-        reg = torch.stack([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
+        reg = stack_scalars([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
             if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
         extra = cfg.lambda_w * s * reg
         logs = {"regularizer": reg.detach()}

@@ -26,6 +26,8 @@ from torch import nn
 
 from cost_models import Registry
 
+from .fused import FusedPact, FusedWeights, pact_scalars, stack_scalars
+
 __all__ = ["DoReFa", "QuantConv2d", "QuantLinear", "WRPN", "WeightQuantizer", "mse_clip", "quant_layers", "quantize_model",
            "weight_quantizers"]
 
@@ -40,6 +42,7 @@ class WeightQuantizer(ABC):
 
     name: str = ""
     min_bits: float = 1.0
+    fused: str | None = None  # the kind hwsearch.fused.FusedWeights computes for all layers at once
 
     @abstractmethod
     def normalize(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -58,10 +61,10 @@ class WeightQuantizer(ABC):
         u = self.normalize(w, scale)
         delta = self.step(round_ste(beta))
         q = delta * round_ste(u / delta)
-        return self.dequantize(self._clip(q), scale), u
-
-    def _clip(self, q):
-        return q
+        # No clamp of q: u lies in the grid's range, so round(u/Δ) is a level. A clamp would change
+        # nothing in value, but torch.clamp passes no gradient at its bounds: the weights on the
+        # extreme levels (at 2 bits, every WRPN weight with |u| > 1/2) would stop learning.
+        return self.dequantize(q, scale), u
 
     def penalty(self, u: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """SINAREQ (WaveQ's normalized form) on this quantizer's grid: mean sin^2(pi u / Δ(b)) / 2^b
@@ -105,6 +108,7 @@ class DoReFa(WeightQuantizer):
     which matters for layers not followed by batch norm."""
 
     name = "dorefa"
+    fused = "dorefa"
     min_bits = 1.0
     _qmin = 0.0
 
@@ -114,9 +118,6 @@ class DoReFa(WeightQuantizer):
 
     def step(self, beta):
         return 1.0 / (torch.pow(2.0, beta) - 1)
-
-    def _clip(self, q):
-        return q.clamp(0.0, 1.0)
 
     def dequantize(self, q, scale):
         return scale * (2 * q - 1)
@@ -130,6 +131,7 @@ class WRPN(WeightQuantizer):
     """WRPN (Mishra et al. 2018): u = clip(w/s, -1, 1), symmetric levels k/(2^(β-1) - 1), ŵ = s q."""
 
     name = "wrpn"
+    fused = "wrpn"
     min_bits = 2.0
     _qmin = -1.0
 
@@ -145,9 +147,6 @@ class WRPN(WeightQuantizer):
     def code_step(self, bits, scale):
         # ŵ = s · k/(2^(b-1) - 1), k in ±(2^(b-1) - 1).
         return scale / (2.0 ** (bits - 1) - 1)
-
-    def _clip(self, q):
-        return q.clamp(-1.0, 1.0)
 
     def init_scale(self, w):
         # max|w| leaves almost every weight at 0 at 2-3 bits; 3 std keeps the bulk on the grid.
@@ -165,7 +164,8 @@ class _PactQuant(torch.autograd.Function):
 
     y = clip(x, lo, α), lo = -α (signed inputs) or 0; Δ = (α - lo)/(2^round(β) - 1);
     ŷ = lo + Δ round((y - lo)/Δ). Gradients: x gets the straight-through gradient inside the
-    clip range; α gets the PACT gradient plus the step-size term; β the step-size term.
+    clip range [lo, α] (bounds included); α gets the PACT gradient plus the step-size term; β the
+    step-size term. The reference formulas: the training step uses ``hwsearch.fused.FusedPact``.
     """
 
     @staticmethod
@@ -185,8 +185,8 @@ class _PactQuant(torch.autograd.Function):
         x, alpha, beta, err = ctx.saved_tensors
         signed = ctx.signed
         lo = -alpha if signed else torch.zeros_like(alpha)
-        above = x >= alpha
-        below = x <= lo
+        above = x > alpha
+        below = x < lo
         inside = ~(above | below)
         gx = g * inside
         bits = torch.round(beta)
@@ -239,6 +239,10 @@ class _QuantMixin:
         self._signed = False
         self.reg_enabled = False
         self.reg_value: torch.Tensor | None = None
+        # Set by prepare_step at the start of each forward pass of the model, used once: the
+        # quantized weight, and the input quantizer's arguments (hwsearch.fused).
+        self._w_next: torch.Tensor | None = None
+        self._a_next: tuple | None = None
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, quantizer={self.quantizer.name}, "
@@ -255,6 +259,9 @@ class _QuantMixin:
         self._calibrated = True
 
     def _quant_weight(self) -> torch.Tensor:
+        w, self._w_next = self._w_next, None
+        if w is not None:  # computed with every other layer's by prepare_step
+            return w
         if self.deployed or not self.quant_enabled:
             self.reg_value = None
             return self.weight
@@ -265,6 +272,9 @@ class _QuantMixin:
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.quant_enabled and self.quantize_input):
             return x
+        p, self._a_next = self._a_next, None
+        if p is not None:  # the constants prepare_step made for all layers at once
+            return FusedPact.apply(x, *p, self._signed)
         if not self._calibrated:
             self._calibrate(x)
         return _PactQuant.apply(x, self.a_alpha.abs() + 1e-6, self.a_beta, self._signed)
@@ -284,6 +294,45 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 
 _SWAP = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def prepare_step(root: nn.Module, args=None) -> None:
+    """Forward pre-hook of a quantized model (``quantize_model`` registers it): before the layers run,
+    quantize every layer's weights (and compute their SINAREQ penalties) in one ``FusedWeights`` call
+    per quantizer, and make every input quantizer's constants in one batch of vector operations
+    (``pact_scalars``). Each layer takes what was made for it once; a layer called on its own, a
+    quantizer without a fused form or a clip not yet calibrated uses the per-layer reference path.
+    """
+    layers = [m for m in root.modules() if isinstance(m, _QuantMixin)]
+    if not layers:
+        return
+    groups: dict[int, list[_QuantMixin]] = {}
+    for m in layers:
+        m._w_next = m._a_next = None
+        if m.quant_enabled and not m.deployed and m.quantizer.fused is not None:
+            groups.setdefault(id(m.quantizer), []).append(m)
+    for group in groups.values():
+        with_penalty = any(m.reg_enabled for m in group)
+        scale = stack_scalars([m.w_scale for m in group]).abs() + 1e-8
+        beta = stack_scalars([m.w_beta for m in group])
+        *w_hat, penalty = FusedWeights.apply(group[0].quantizer.fused, with_penalty, scale, beta,
+                                             *[m.weight for m in group])
+        penalties = penalty.unbind() if with_penalty else [None] * len(group)
+        for m, w, p in zip(group, w_hat, penalties):
+            m._w_next = w
+            m.reg_value = p if m.reg_enabled else None
+    acts = [m for m in layers if m.quant_enabled and m.quantize_input and m._calibrated]
+    if acts:
+        alpha = stack_scalars([m.a_alpha for m in acts]).abs() + 1e-6
+        beta = stack_scalars([m.a_beta for m in acts])
+        key = (tuple(m._signed for m in acts), alpha.device, alpha.dtype)
+        cached = root.__dict__.get("_hwsearch_signed")
+        if cached is None or cached[0] != key:  # made once, not copied to the device every step
+            cached = (key, torch.tensor([float(s) for s in key[0]], device=alpha.device, dtype=alpha.dtype))
+            root.__dict__["_hwsearch_signed"] = cached
+        consts = pact_scalars(alpha, beta, cached[1])
+        for m, *p in zip(acts, alpha.unbind(), beta.unbind(), *consts):
+            m._a_next = tuple(p)
 
 
 def quantize_model(model: nn.Module, names: list[str], *, quantizer: str | WeightQuantizer = "dorefa",
@@ -306,6 +355,9 @@ def quantize_model(model: nn.Module, names: list[str], *, quantizer: str | Weigh
             raise ValueError(f"layer {name!r}: cannot quantize {type(module).__name__} (Conv2d and Linear only)")
         module.__class__ = cls  # same parameters, same name; the new class adds quantizer state
         module._setup(q, w_bits[name], a_bits[name], quantize_input=name != first_layer)
+    if not model.__dict__.get("_hwsearch_hooked"):
+        model.register_forward_pre_hook(prepare_step)
+        model.__dict__["_hwsearch_hooked"] = True
     return model
 
 

@@ -83,25 +83,38 @@ def budget_shift(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor, 
 
     The learned bits are moved onto the budget this way after every optimizer step, so training
     always runs on a plan within budget and the final rounding has (almost) nothing left to take.
-    A fixed number of bisection steps on tensors (t to (b_max - b_min) / 2^iters bits) and
-    ``torch.where`` instead of branches: no host synchronization (except a LUT model's own check).
+    No host synchronization (except a LUT model's own check) and no loop over layers:
+
+    * rounded: the rounded cost changes only where a free bit, lowered by t, crosses a half-integer
+      k + 1/2 (b_min <= k < b_max). Every such point (plus 1e-6, past the crossing) and 0 are the
+      candidates, all priced at once as one batch of plans; the answer is the smallest that fits (exact).
+    * not rounded: ``iters`` bisection steps on tensors (t to (b_max - b_min) / 2^iters bits).
+
     ``free_w``/``free_a`` are 0/1 masks aligned with the table; at t = b_max - b_min every free bit
     is at b_min, which ``check_feasible`` has made sure fits.
     """
     w, a = w_bits.detach().double(), a_bits.detach().double()
-    mw, ma = free_w.to(torch.bool), free_a.to(torch.bool)
+    mw, ma = free_w.to(device=w.device, dtype=torch.bool), free_a.to(device=w.device, dtype=torch.bool)
 
-    def fits(t: torch.Tensor) -> torch.Tensor:
+    def fits(t: torch.Tensor) -> torch.Tensor:  # t of any shape; the plans it gives priced in one batch
+        t = t[..., None]
         ws, as_ = (w - t).clamp(b_min, b_max), (a - t).clamp(b_min, b_max)
         if rounded:
             ws, as_ = torch.round(ws), torch.round(as_)
         ws, as_ = torch.where(mw, ws, w), torch.where(ma, as_, a)
-        ok = torch.ones((), dtype=torch.bool, device=w.device)
+        ok = torch.ones(t.shape[:-1], dtype=torch.bool, device=w.device)
         for model, budget in budgets:
-            ok = ok & (model.torch(table, ws, as_) <= budget * (1 + 1e-12))
+            ok = ok & (model.layer_costs(table, ws, as_).sum(-1) <= budget * (1 + 1e-12))
         return ok
 
     zero = w.new_zeros(())
+    if rounded:
+        halves = torch.arange(int(b_min), int(b_max), device=w.device, dtype=w.dtype) + 0.5
+        crossing = torch.cat([w, a])[:, None] - halves + 1e-6  # the shift that takes bit i just below k + 1/2
+        crossing = torch.where(torch.cat([mw, ma])[:, None] & (crossing > 0), crossing, zero)
+        candidates = torch.cat([crossing.flatten(), (zero + float(b_max - b_min))[None]])
+        inf = torch.full_like(candidates, float("inf"))
+        return torch.where(fits(candidates), candidates, inf).min()
     lo, hi = zero, zero + float(b_max - b_min)
     for _ in range(iters):
         mid = 0.5 * (lo + hi)

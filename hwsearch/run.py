@@ -23,6 +23,7 @@ from cost_models import LayerTable, get_cost_model, profile
 from .config import RunConfig
 from .costs import FLOAT_BITS
 from .data import TensorData
+from .fused import stack_scalars
 from .learn import Prepared, calibrate, learn_bits, load_data, prepare, quantize_prepared
 from .models import create_model
 from .plan import build_plan, check_plan_matches, check_plan_totals, save_plan
@@ -70,7 +71,7 @@ def fit_plan(model: nn.Module, data: TensorData, layers: dict, *, config: RunCon
             return zero, {}
         s = strength(step, total, start=config.reg_start, width=config.reg_width)
         regs = [m.reg_value for m in layers.values() if m.reg_value is not None]
-        reg = torch.stack(regs).sum() if regs else zero
+        reg = stack_scalars(regs).sum() if regs else zero
         return lam * s * reg, {"regularizer": reg.detach()}
 
     fit(model, data, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, seed=config.seed,

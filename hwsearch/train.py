@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData, cache_dir
+from .optim import ScalarAdam
 from .units import slug
 
 __all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "recalibrate_bn", "resolve_device"]
@@ -119,7 +120,9 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     opt = torch.optim.SGD(weights, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15,
                                                 anneal_strategy="linear")
-    qopt = torch.optim.Adam([p for p in (quant_params or []) if p.requires_grad], lr=lr_quant) if quant_params else None
+    quant = [p for p in (quant_params or []) if p.requires_grad]
+    qopt = (ScalarAdam(quant, lr=lr_quant) if all(p.dim() == 0 for p in quant)
+            else torch.optim.Adam(quant, lr=lr_quant)) if quant_params else None
     gen = torch.Generator(device=data.device).manual_seed(seed)
     torch.manual_seed(seed)
     model.train()

@@ -168,6 +168,21 @@ def test_gradient_in_bits_matches_finite_differences(lut_path, index):
     assert torch.autograd.gradcheck(lambda w, a: model.torch(table, w, a), (w, a), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("index", range(6))
+def test_a_batch_of_plans_is_priced_row_by_row(lut_path, index):
+    """layer_costs on bits of shape (plans, layers) equals each plan priced alone (the budget projection
+    prices all its candidate shifts in one batch)."""
+    model = _all_models(lut_path)[index]
+    table = _toy_table([1000, 300, 50], [90, 40, 0], [True, True, False])
+    g = torch.Generator().manual_seed(index)
+    w = 1 + 7 * torch.rand(5, 3, generator=g, dtype=torch.float64)
+    a = 1 + 7 * torch.rand(5, 3, generator=g, dtype=torch.float64)
+    batch = model.layer_costs(table, w, a)
+    assert batch.shape == (5, 3)
+    for i in range(5):
+        torch.testing.assert_close(batch[i], model.layer_costs(table, w[i], a[i]), rtol=1e-12, atol=0)
+
+
 def test_registry_lookup_and_errors(tmp_path):
     assert set(cost_models.names()) == {"bitops", "memory", "loom", "stripes", "bitfusion"}
     assert get_cost_model("bitops") is cost_models.get("bitops")

@@ -138,7 +138,9 @@ def test_budget_shift_is_the_smallest_shift_onto_every_budget(problem, rounded):
         return [m(table, ws, as_) for m, _ in budgets]
 
     assert all(c <= b * (1 + 1e-9) for c, (_, b) in zip(costs(t), budgets))
-    if t > 0:  # a shift smaller by more than the bisection's resolution breaks a budget
+    if t > 0 and rounded:  # exact: a shift smaller by 2e-6 bits (twice the step past a crossing) breaks a budget
+        assert any(c > b for c, (_, b) in zip(costs(max(0.0, t - 2e-6)), budgets))
+    elif t > 0:  # a shift smaller by more than the bisection's resolution breaks a budget
         assert any(c > b for c, (_, b) in zip(costs(max(0.0, t - 6.0 / 2**16 * 2)), budgets))
 
 

@@ -1,0 +1,173 @@
+"""The fused quantizers (hwsearch.fused) against the reference formulas (hwsearch.quant), float64.
+
+Straight-through gradients are not derivatives of the forward function (rounding is flat almost
+everywhere), so finite differences cannot check them: they are checked against autograd through the
+reference formulas (``round_ste``), exactly, at every bitwidth from 2 to 8. Where the fused functions
+are differentiable in the ordinary sense, ``torch.autograd.gradcheck`` checks them too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hwsearch.fused import FusedPact, FusedWeights, pact_scalars
+from hwsearch.quant import _PactQuant, quantize_model, weight_quantizers
+
+D = torch.float64
+SHAPES = [(4, 3, 3, 3), (6, 4, 1, 1), (5, 7)]
+
+
+def _weights(kind: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, generator=g, dtype=D) * 0.3 for s in SHAPES]
+    # WRPN: scales below max|w| so that some weights lie outside the clip
+    scale = torch.tensor([0.2, 0.5, 0.35], dtype=D) if kind == "wrpn" else torch.rand(3, generator=g, dtype=D) + 0.5
+    return ws, scale
+
+
+def _reference(kind, ws, scale, beta, with_penalty):
+    q = weight_quantizers.get(kind)
+    outs, pens = [], []
+    for w, s, b in zip(ws, scale.unbind(), beta.unbind()):
+        w_hat, u = q.quantize(w, b, s)
+        outs.append(w_hat)
+        pens.append(q.penalty(u, b) if with_penalty else torch.zeros((), dtype=D))
+    return outs, torch.stack(pens)
+
+
+@pytest.mark.parametrize("kind", ["dorefa", "wrpn"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("with_penalty", [True, False])
+def test_fused_weights_equal_reference_in_value_and_every_gradient(kind, bits, with_penalty):
+    ws, scale = _weights(kind, seed=bits)
+    beta = torch.tensor([bits + 0.3, bits - 0.2, bits + 0.1], dtype=D)
+    g = torch.Generator().manual_seed(100 + bits)
+    up = [torch.randn(s, generator=g, dtype=D) for s in SHAPES]
+    up_pen = torch.randn(3, generator=g, dtype=D) * 10
+
+    def run(fn):
+        w = [x.clone().requires_grad_() for x in ws]
+        s, b = scale.clone().requires_grad_(), beta.clone().requires_grad_()
+        outs, pen = fn(w, s, b)
+        loss = sum((o * u).sum() for o, u in zip(outs, up)) + ((pen * up_pen).sum() if with_penalty else 0)
+        loss.backward()
+        return [o.detach() for o in outs], pen.detach(), [x.grad for x in w], s.grad, b.grad
+
+    def fused(w, s, b):
+        *outs, pen = FusedWeights.apply(kind, with_penalty, s, b, *w)
+        return outs, pen
+
+    ref = run(lambda w, s, b: _reference(kind, w, s, b, with_penalty))
+    got = run(fused)
+    for a, r in zip(got[0], ref[0]):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-10, atol=1e-14)
+    for a, r in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-9, atol=1e-12)  # scales
+    torch.testing.assert_close(got[4], ref[4], rtol=1e-9, atol=1e-12)  # bitwidths
+    assert got[4].abs().min() > 0 and got[3].abs().min() > 0  # the gradients compared are not trivially zero
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_fused_pact_equals_reference_in_value_and_every_gradient(signed, bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 3, 5, 5, generator=g, dtype=D) * 1.5 + (0.0 if signed else 0.8)
+    alpha = torch.tensor(1.7, dtype=D)
+    beta = torch.tensor(bits + 0.25, dtype=D)
+    up = torch.randn(x.shape, generator=g, dtype=D)
+
+    def run(fused: bool):
+        xx, a, b = x.clone().requires_grad_(), alpha.clone().requires_grad_(), beta.clone().requires_grad_()
+        if fused:
+            consts = pact_scalars(a.reshape(1), b.reshape(1), torch.tensor([float(signed)], dtype=D))
+            y = FusedPact.apply(xx, a, b, *(c[0] for c in consts), signed)
+        else:
+            y = _PactQuant.apply(xx, a, b, signed)
+        (y * up).sum().backward()
+        return y.detach(), xx.grad, a.grad, b.grad
+
+    ref, got = run(False), run(True)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
+    for a, r in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+    assert (x > alpha).any() and (not signed or (x < -alpha).any())  # both sides of the clip are exercised
+
+
+def test_gradcheck_where_the_fused_functions_are_smooth():
+    """gradcheck (finite differences, float64) where no rounding is involved: the WRPN penalty in the
+    weights and scales, and the PACT output in α for inputs above the clip (ŷ = α there)."""
+    ws, scale = _weights("wrpn", seed=0)
+    beta = torch.tensor([3.2, 4.0, 5.1], dtype=D)
+    w = [x.clone().requires_grad_() for x in ws]
+    s = scale.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, *w: FusedWeights.apply("wrpn", True, s, beta, *w)[-1], (s, *w))
+    x = torch.linspace(2.0, 3.0, 7, dtype=D)  # all above α
+    for signed in (False, True):
+        a = torch.tensor(1.3, dtype=D, requires_grad=True)
+
+        def pact(a, signed=signed):
+            consts = pact_scalars(a.reshape(1), torch.tensor([4.0], dtype=D), torch.tensor([float(signed)], dtype=D))
+            return FusedPact.apply(x, a, torch.tensor(4.0, dtype=D), *(c[0] for c in consts), signed)
+
+        assert torch.autograd.gradcheck(pact, (a,))
+
+
+def test_model_forward_uses_the_fused_path_and_matches_the_reference():
+    """A quantized model's forward (prepare_step + fused ops) equals the per-layer reference path in
+    output, penalties and every parameter's gradient."""
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+        names = ["0", "2", "5"]
+        quantize_model(m, names, w_bits=dict.fromkeys(names, 4.3), a_bits=dict.fromkeys(names, 3.2), first_layer="0")
+        m.to(D)  # the quantizer parameters too
+        for mod in m.modules():
+            if hasattr(mod, "reg_enabled"):
+                mod.reg_enabled = True
+        return m
+
+    x = torch.randn(4, 3, 8, 8, dtype=D)
+    fused, ref = build(), build()
+    fused(x), ref(x)  # calibration
+    out_f = fused(x)
+    pen_f = sum(m.reg_value for m in fused.modules() if getattr(m, "reg_value", None) is not None)
+    # The reference path: the pre-hook's results are dropped, every layer quantizes on its own.
+    for m in ref.modules():
+        m._forward_pre_hooks.clear()
+    out_r = ref(x)
+    pen_r = sum(m.reg_value for m in ref.modules() if getattr(m, "reg_value", None) is not None)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pen_f, pen_r, rtol=1e-10, atol=1e-14)
+    (out_f.square().sum() + pen_f).backward()
+    (out_r.square().sum() + pen_r).backward()
+    for (n, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-11, msg=n)
+
+
+def test_scalar_adam_steps_as_torch_adam_including_parameters_without_gradient():
+    from hwsearch.optim import ScalarAdam
+
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(5, generator=g, dtype=D)
+    mine = [torch.nn.Parameter(v.clone()) for v in start]
+    ref = [torch.nn.Parameter(v.clone()) for v in start]
+    opt, ref_opt = ScalarAdam(mine, lr=0.05), torch.optim.Adam(ref, lr=0.05)
+    for step in range(8):
+        grads = torch.randn(5, generator=g, dtype=D)
+        for ps in (mine, ref):
+            for i, p in enumerate(ps):
+                # parameter 1 has no gradient from step 3 on (a frozen bitwidth); parameter 4 only from step 2
+                p.grad = None if (i == 1 and step >= 3) or (i == 4 and step < 2) else grads[i].clone()
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(mine, ref):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+    assert not torch.equal(torch.stack([p.detach() for p in mine]), start)
