@@ -191,39 +191,49 @@ def pact_scalars(alpha: torch.Tensor, beta: torch.Tensor, signed: torch.Tensor) 
 
 
 class FusedPact(torch.autograd.Function):
-    """PACT on one layer's input at b = round(β), in six passes forward.
+    """PACT on one layer's input at b = round(β), in a few passes, most of them in place.
 
     y = clip(x, lo, α), lo = −α (signed) or 0; Δ = (α − lo)/(2^b − 1); ŷ = lo + Δ round((y − lo)/Δ).
-    Gradients as the reference ``_PactQuant``: x straight through inside (lo, α); α gets 1 above the
+    Gradients as the reference ``_PactQuant``: x straight through inside [lo, α]; α gets 1 above the
     clip, −1 below it when signed, and the step-size term (r − t)·∂Δ/∂α inside; β the step-size term.
-    The per-layer constants come from ``pact_scalars`` (no per-layer scalar arithmetic here).
+    The per-layer constants come from ``pact_scalars`` (no per-layer scalar arithmetic here). Three
+    tensors are allocated (the output and the two saved for backward: the side of the clip each
+    input is on, and the rounding error); everything else is done in place, which on a CPU costs a
+    third of a pass that allocates.
     """
 
     @staticmethod
     def forward(ctx, x, alpha, beta, lo, delta, inv, offset, k_alpha, k_beta, signed: bool):
-        y = torch.clamp(x, lo, alpha)
-        clipped = torch.sub(x, y)  # > 0 above the clip, < 0 below, 0 inside
-        t = torch.addcmul(offset, y, inv)  # (y − lo)/Δ
+        t = torch.clamp_max(x, alpha)  # clamp with tensor bounds is several times slower on a CPU
+        if signed:
+            t.clamp_min_(lo)
+        else:
+            t.clamp_min_(0.0)
+        side = torch.sub(x, t).sign_()  # +1 above the clip, −1 below, 0 inside
+        t.mul_(inv)  # (y − lo)/Δ
+        if signed:
+            t.add_(offset)
         r = torch.round(t)
-        out = torch.addcmul(lo, r, delta)
         err = torch.sub(r, t, out=t)  # r − t, in t's memory
+        out = r.mul_(delta)
+        if signed:
+            out.add_(lo)
         ctx.signed = signed
-        ctx.save_for_backward(clipped, err, k_alpha, k_beta)
+        ctx.save_for_backward(side, err, k_alpha, k_beta)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        clipped, err, k_alpha, k_beta = ctx.saved_tensors
+        side, err, k_alpha, k_beta = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        gx = g.masked_fill(clipped != 0, 0.0) if need_x else None
+        gx = torch.addcmul(g, g, side.abs(), value=-1.0) if need_x else None  # g where side == 0
         g_alpha = g_beta = None
         if need_a or need_b:
             g_err = torch.sum(g * err)
             if need_a:
-                side = torch.sign(clipped)
-                if not ctx.signed:  # below an unsigned clip the output is the constant 0
-                    side.clamp_min_(0.0)
-                g_alpha = torch.sum(g * side) + k_alpha * g_err
+                # below an unsigned clip the output is the constant 0: only the side above counts
+                g_clip = torch.sum(g * (side if ctx.signed else torch.relu(side)))
+                g_alpha = g_clip + k_alpha * g_err
             if need_b:
                 g_beta = k_beta * g_err
         return gx, g_alpha, g_beta, None, None, None, None, None, None, None
