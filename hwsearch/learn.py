@@ -179,7 +179,8 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
     learn_a = torch.tensor(space.free_a, device=prep.device, dtype=torch.float32)
     free_masks = (learn_w.bool(), learn_a.bool())  # made once: the projection runs every step
     # Curves show the average over quantized layers (first/last included).
-    shown = torch.tensor([n in layers for n in table.names], device=prep.device, dtype=torch.float32).clamp_min(1e-9)
+    shown = torch.tensor([n in layers for n in table.names], device=prep.device, dtype=torch.float32)
+    shown = shown / shown.sum().clamp_min(1.0)  # weights of the average
     quant_params = [p for m in layers.values() for p in (m.w_beta, m.w_scale, m.a_beta, m.a_alpha)]
     # The learned bitwidths (one 0-d parameter per layer and kind), for in-place clamps and shifts.
     free_betas = [m.w_beta for i, n in enumerate(table.names) if space.free_w[i] and (m := layers.get(n))] + \
@@ -197,8 +198,8 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         logs = {"regularizer": reg.detach()}
         w, a = _bit_vectors(prep, layers)
         w64, a64 = w.double(), a.double()
-        logs["avg_w_bits"] = (w.detach() * shown).sum() / shown.sum()
-        logs["avg_a_bits"] = (a.detach() * shown).sum() / shown.sum()
+        logs["avg_w_bits"] = w.detach() @ shown
+        logs["avg_a_bits"] = a.detach() @ shown
         if primary:
             # The cost of the grid being trained: round(β) (the plan a freeze now would give, before projection).
             logs["cost_ratio"] = (primary[0].torch(table, w64.detach().round(), a64.detach().round()) / primary[1]).float()

@@ -161,16 +161,24 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
                 sched.step()
                 if hook and hook.after_step:
                     hook.after_step(step, total)
-                for k, v in logs.items():
-                    total_k, count_k = running.get(k, (0, 0))
-                    running[k] = (total_k + v.detach().float(), count_k + 1)
+                # One vector per step for all logged values (two operations, not two per value).
+                keys = tuple(logs)
+                with torch.no_grad():
+                    values = torch.stack([v.float() for v in logs.values()])
+                group = running.get(keys)
+                running[keys] = (values, 1) if group is None else (group[0] + values, group[1] + 1)
                 step += 1
                 if step % log_every == 0 or step == total:
                     bad_step = int(first_bad)
                     if bad_step >= 0:
                         raise NonFiniteLoss(f"the loss became non-finite at step {bad_step} of {desc}; "
                                             f"try a lower learning rate or regularizer strength")
-                    row = {"phase": desc, "step": step, **{k: float(v) / n for k, (v, n) in running.items()}}
+                    sums: dict[str, tuple[float, int]] = {}
+                    for keys, (values, n) in running.items():
+                        for k, v in zip(keys, values.tolist()):
+                            total_k, count_k = sums.get(k, (0.0, 0))
+                            sums[k] = (total_k + v, count_k + n)
+                    row = {"phase": desc, "step": step, **{k: v / n for k, (v, n) in sums.items()}}
                     history.append(row)
                     running = {}
                     bar.set_postfix(loss=f"{row['task_loss']:.3f}")
