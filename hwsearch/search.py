@@ -138,11 +138,19 @@ def open_study(config: SearchConfig, out: Path | None = None, *, model_info: dic
     storage = _storage(config, out)
     signature = config.study_signature()
     directions = ["maximize"] + ["minimize"] * len(config.objectives)
-    sampler = (optuna.samplers.NSGAIISampler(seed=config.seed) if config.sampler == "nsga2"
-               else optuna.samplers.TPESampler(seed=config.seed, multivariate=True))
+
+    def make_sampler(seed: int):
+        return (optuna.samplers.NSGAIISampler(seed=seed) if config.sampler == "nsga2"
+                else optuna.samplers.TPESampler(seed=seed, multivariate=True))
+
     existing = {s.study_name for s in storage.get_all_studies()}
     if config.study_name in existing:
-        study = optuna.load_study(study_name=config.study_name, storage=storage, sampler=sampler)
+        # A worker joining a study gets its own sampler seed: with the creator's, two workers that ask
+        # at the same moment see the same history and are given the same parameters (duplicate trials).
+        import random
+
+        study = optuna.load_study(study_name=config.study_name, storage=storage,
+                                  sampler=make_sampler(config.seed + random.SystemRandom().randrange(1, 2**31)))
         theirs = study.user_attrs.get("signature", {})
         for key, ours in signature.items():
             if json.dumps(theirs.get(key), sort_keys=True) != json.dumps(ours, sort_keys=True):
@@ -151,7 +159,7 @@ def open_study(config: SearchConfig, out: Path | None = None, *, model_info: dic
         return study
     try:
         study = optuna.create_study(study_name=config.study_name, storage=storage, directions=directions,
-                                    sampler=sampler)
+                                    sampler=make_sampler(config.seed))
     except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
         return open_study(config, out, model_info=model_info)
     study.set_user_attr("signature", signature)

@@ -123,6 +123,19 @@ def test_workers_started_together_on_a_fresh_database_all_open_the_study(tmp_pat
     assert len(optuna.get_all_study_summaries(f"sqlite:///{out / 'study.db'}")) == 1
 
 
+def test_a_worker_joining_a_study_samples_with_its_own_seed(tmp_path):
+    """Two workers on one study used to share the sampler seed: asking at the same moment, with the
+    same history, they were given the same parameters (the decisive CPU search ran three pairs of
+    identical trials)."""
+    from optuna.distributions import FloatDistribution
+
+    out = tmp_path / "s"
+    first, second = open_study(tiny_config(trials=2), out), open_study(tiny_config(trials=2), out)
+    space = {"lambda_w": FloatDistribution(0.3, 30, log=True)}
+    a, b = first.ask(space), second.ask(space)
+    assert a.params["lambda_w"] != b.params["lambda_w"]
+
+
 def test_anchor_bits_outside_the_bit_range_are_refused():
     with pytest.raises(SearchError, match="anchor_bits"):
         tiny_config(anchor_bits=(9,))
