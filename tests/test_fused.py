@@ -171,3 +171,22 @@ def test_scalar_adam_steps_as_torch_adam_including_parameters_without_gradient()
         for a, b in zip(mine, ref):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
     assert not torch.equal(torch.stack([p.detach() for p in mine]), start)
+
+
+def test_the_quantized_forward_pass_compiles_as_one_graph():
+    """torch.compile traces the forward pass, pre-hook and fused functions included, without a graph
+    break (``torch._dynamo.explain``: dynamo only, nothing compiled to machine code)."""
+    from hwsearch.models import create_model
+    from hwsearch.quant import quant_layers
+
+    model = create_model("resnet20")
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    quantize_model(model, names, w_bits=dict.fromkeys(names, 4.0), a_bits=dict.fromkeys(names, 4.0),
+                   first_layer=names[0])
+    for m in quant_layers(model).values():
+        m.reg_enabled = True
+    x = torch.randn(2, 3, 32, 32)
+    model(x)  # calibration (eager)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x: model(x).sum())(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
