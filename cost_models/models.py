@@ -231,7 +231,8 @@ class LookupTable(CostModel):
         rows = torch.arange(len(table), device=a_bits.device)
         w0, a0 = torch.floor(w_bits.detach()).long(), torch.floor(a_bits.detach()).long()
         fw, fa = w_bits - w0, a_bits - a0
-        total = torch.zeros_like(a_bits + w_bits)
+        total = torch.zeros(torch.broadcast_shapes(w_bits.shape, a_bits.shape), dtype=a_bits.dtype,
+                            device=a_bits.device)
         missing = torch.zeros(total.shape, dtype=torch.bool, device=a_bits.device)
         for dw, weight_w in ((0, 1 - fw), (1, fw)):
             for da, weight_a in ((0, 1 - fa), (1, fa)):
@@ -243,8 +244,7 @@ class LookupTable(CostModel):
         if bool(missing.any()):  # one host sync per evaluation
             n = len(table)
             row, i = (int(v) for v in missing.reshape(-1, n).nonzero()[0])
-            wv = (w_bits + 0 * a_bits).reshape(-1, n)[row, i]
-            av = (a_bits + 0 * w_bits).reshape(-1, n)[row, i]
+            wv, av = (b.reshape(-1, n)[row, i] for b in torch.broadcast_tensors(w_bits, a_bits))
             raise ValueError(f"lut {self.path}: layer {table.names[i]!r} has no measurement around "
                              f"w_bits={float(wv):g}, a_bits={float(av):g}")
         return total

@@ -39,6 +39,18 @@ def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(pos) - torch.stack(neg)
 
 
+_NUMEL: dict[tuple, torch.Tensor] = {}
+
+
+def _numel(weights: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The weights' element counts as a vector on ``like``'s device, made once per set of shapes (not
+    copied from the host every step)."""
+    key = (tuple(w.numel() for w in weights), like.device, like.dtype)
+    if key not in _NUMEL:
+        _NUMEL[key] = torch.tensor([float(n) for n in key[0]], dtype=like.dtype, device=like.device)
+    return _NUMEL[key]
+
+
 class _StackScalars(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *scalars):
@@ -73,7 +85,8 @@ class FusedWeights(torch.autograd.Function):
     def forward(ctx, kind: str, with_penalty: bool, scale: torch.Tensor, beta: torch.Tensor, *weights):
         weights = list(weights)
         bits = torch.round(beta)
-        half = torch.pow(2.0, bits - 1) if kind == "wrpn" else torch.pow(2.0, bits)
+        two_b = torch.pow(2.0, bits)
+        half = two_b / 2 if kind == "wrpn" else two_b  # 2^(b-1) or 2^b
         levels = half - 1  # 1/Δ
         if kind == "dorefa":
             t = torch._foreach_tanh(weights)
@@ -96,15 +109,16 @@ class FusedWeights(torch.autograd.Function):
             torch._foreach_sub_(w_hat, scale.unbind())
         else:  # ŵ = s r/L
             w_hat = torch._foreach_mul(r, (scale / levels).unbind())
-        numel = torch.tensor([float(w.numel()) for w in weights], dtype=scale.dtype, device=scale.device)
-        two_b = torch.pow(2.0, bits)
+        per_elem = 1.0 / (_numel(weights, scale) * two_b)  # the penalty's 1/(N 2^b)
         if with_penalty:
             s = torch._foreach_sin(torch._foreach_mul(z, math.pi))
-            penalty = torch.stack(torch._foreach_norm(s, 2)).square() / (numel * two_b)
+            penalty = torch.stack(torch._foreach_norm(s, 2)).square() * per_elem
         else:
             penalty = torch.zeros_like(scale)
         ctx.kind, ctx.with_penalty = kind, with_penalty
-        ctx.save_for_backward(scale, levels, half, numel, two_b, *(inv2m,) if inv2m is not None else ())
+        # c = π/(N 2^b Δ): ∂P/∂u = c sin(2πu/Δ)
+        ctx.save_for_backward(scale, levels, half, math.pi * levels * per_elem,
+                              *(inv2m,) if inv2m is not None else ())
         ctx.lists = (t, u, v, z, r)
         if not with_penalty:
             ctx.mark_non_differentiable(penalty)
@@ -113,7 +127,7 @@ class FusedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         kind = ctx.kind
-        scale, levels, half, numel, two_b, *rest = ctx.saved_tensors
+        scale, levels, half, coef, *rest = ctx.saved_tensors
         t, u, v, z, r = ctx.lists
         n = len(z)
         g = list(grads[:n])
@@ -122,10 +136,10 @@ class FusedWeights(torch.autograd.Function):
         need_w = any(ctx.needs_input_grad[4:])
         # ∂L/∂u = ∂L/∂ŵ · ∂ŵ/∂u + ∂L/∂P · ∂P/∂u,  ∂ŵ/∂u = 2s (DoReFa) or s (WRPN),
         # ∂P/∂u = c sin(2π u/Δ) with c = π/(N 2^b Δ).
-        g_u = torch._foreach_mul(g, (2 * scale if kind == "dorefa" else scale).unbind())
+        dw_du = 2 * scale if kind == "dorefa" else scale
+        g_u = torch._foreach_mul(g, dw_du.unbind())
         sin2 = None
         if ctx.with_penalty:
-            coef = math.pi * levels / (numel * two_b)
             sin2 = torch._foreach_sin(torch._foreach_mul(z, 2 * math.pi))
             torch._foreach_add_(g_u, torch._foreach_mul(sin2, (g_pen * coef).unbind()))
         if kind == "wrpn":  # the clip passes gradient inside [−1, 1] (bounds included), ∂u/∂w = 1/s
@@ -164,9 +178,9 @@ class FusedWeights(torch.autograd.Function):
                     g_scale = g_r / levels - sums[-1] / scale
             if need_b:
                 # ∂ŵ/∂Δ = (2s or s)·(r − z); ∂P/∂Δ = −c Σ sin(2πz)·z; ∂Δ/∂b = −ln2·2^b'/L² (b' = b or b − 1).
-                g_delta = g_err * (2 * scale if kind == "dorefa" else scale)
+                g_delta = g_err * dw_du
                 if sin2 is not None:
-                    g_delta = g_delta - g_pen * (math.pi * levels / (numel * two_b)) * sums[3]
+                    g_delta = g_delta - g_pen * coef * sums[3]
                 g_beta = g_delta * (-LN2 * half / levels.square())
         return (None, None, g_scale, g_beta, *(g_w if g_w is not None else [None] * n))
 

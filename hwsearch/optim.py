@@ -30,7 +30,7 @@ class ScalarAdam:
         self.exp_avg_sq = like.new_zeros(n).detach()
         self.steps = like.new_zeros(n).detach()
         self._zero = like.new_zeros(()).detach()
-        self._masks: dict[tuple[bool, ...], torch.Tensor] = {}
+        self._weights: dict[tuple[bool, ...], tuple[torch.Tensor, ...]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -43,16 +43,18 @@ class ScalarAdam:
         have = tuple(p.grad is not None for p in self.params)
         if not any(have):
             return
-        mask = self._masks.get(have)
-        if mask is None:  # made once per pattern (the pattern changes when bits freeze), not every step
-            mask = self._masks[have] = torch.tensor(have, dtype=self.steps.dtype, device=self.steps.device)
-        g = torch.stack([p.grad if p.grad is not None else self._zero for p in self.params])
         b1, b2 = self.betas
+        weights = self._weights.get(have)
+        if weights is None:  # made once per pattern (the pattern changes when bits freeze), not every step
+            mask = torch.tensor(have, dtype=self.steps.dtype, device=self.steps.device)
+            weights = self._weights[have] = (mask, (1 - b1) * mask, 1 - (1 - b2) * mask, -self.lr * mask)
+        mask, avg_weight, sq_decay, step_size = weights
+        g = torch.stack([p.grad if p.grad is not None else self._zero for p in self.params])  # 0 where skipped
         self.steps.add_(mask)
-        self.exp_avg.lerp_(g, (1 - b1) * mask)
-        self.exp_avg_sq.mul_(1 - (1 - b2) * mask).addcmul_(g, g * mask, value=1 - b2)
+        self.exp_avg.lerp_(g, avg_weight)
+        self.exp_avg_sq.mul_(sq_decay).addcmul_(g, g, value=1 - b2)
         steps = self.steps.clamp_min(1)
         bias1 = 1 - torch.pow(b1, steps)
         denom = (self.exp_avg_sq / (1 - torch.pow(b2, steps))).sqrt_().add_(self.eps)
-        update = self.exp_avg / (bias1 * denom) * (-self.lr * mask)
+        update = self.exp_avg / (bias1 * denom) * step_size
         torch._foreach_add_(self.params, update.unbind())
