@@ -123,7 +123,9 @@ def table_rows(records: list[dict]) -> list[dict]:
 
 def write_table(out: Path, table_path: Path, preset_name: str, preset: dict, data: str) -> dict:
     records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    doc = {"preset": {"name": preset_name, **preset["run"], "dataset": data, "seeds": preset["seeds"],
+    doc = {"preset": {"name": preset_name, **preset["run"], **({"allocator_overrides": preset["allocator_overrides"]}
+                                                               if "allocator_overrides" in preset else {}),
+                      "dataset": data, "seeds": preset["seeds"],
                       "test_images": "all" if not preset["run"].get("max_test") else preset["run"]["max_test"],
                       "command": f"python bench/learned_vs_uniform.py --preset {preset_name}",
                       "code": code_version()},
@@ -143,8 +145,28 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
     ap.add_argument("--workers", type=int, help="runs at once, processes sharing the cores (default: the preset's)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"), help="start no run after this many seconds")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a RunConfig field for the allocators' runs (not uniform's), e.g. beta_update=shared; "
+                         "repeatable; recorded in the table's preset")
     args = ap.parse_args()
     preset = dict(PRESETS[args.preset])
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set: expected FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    if overrides:
+        from hwsearch.config import RunConfig
+
+        try:
+            RunConfig(**overrides)
+        except (TypeError, ValueError) as exc:
+            ap.error(f"--set: {exc}")
+        preset["allocator_overrides"] = overrides
     if args.seeds:
         preset["seeds"] = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
@@ -153,6 +175,9 @@ def main() -> int:
     table_path = out / ("learned_vs_uniform.json" if args.preset == "cpu" else f"learned_vs_uniform-{args.preset}.json")
     args.workers = args.workers or preset.get("workers", 1)
     jobs = job_list(preset)
+    for job in jobs:
+        if job["allocator"] != "uniform":
+            job["config"].update(overrides)
     if args.only:
         jobs = [j for j in jobs if j["allocator"] in args.only.split(",")]
     todo = [j for j in jobs if not (runs / f"{j['key']}.json").exists()]

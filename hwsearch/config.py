@@ -41,6 +41,7 @@ class RunConfig:
     lr: float = 0.02                   # SGD max learning rate for weights when fine-tuning quantized
     lr_fp32: float = 0.1               # SGD max learning rate of FP32 pre-training
     lr_quant: float = 0.02             # Adam learning rate for bitwidths, scales and clips
+    beta_update: str = "adam"          # learned bits: adam (each β its own scale) | shared (one scale for all β)
     batch_size: int = 128
     seed: int = 0                      # seed of the quantized training (data order, initial state)
     fp32_seed: int | None = None       # seed of the FP32 checkpoint (None: seed); fixing it compares seeds from one start
@@ -52,6 +53,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
+        if self.beta_update not in ("adam", "shared"):
+            raise ValueError(f"beta_update: expected 'adam' or 'shared', got {self.beta_update!r}")
         if self.quantizer not in ("dorefa", "wrpn"):
             raise ValueError(f"quantizer: expected 'dorefa' or 'wrpn', got {self.quantizer!r}")
         lowest = 2 if self.quantizer == "wrpn" else 1

@@ -198,8 +198,32 @@ def _lock(name: str):
     return FileLock(str(path))
 
 
+def _content_key(archive: Path) -> str:
+    """A digest of the archive's bytes, remembered per (path, size, mtime) so that it is read once.
+
+    The unpacked folder, and through the dataset's name the cached FP32 checkpoints, are keyed by
+    content: a copied or re-created archive with the same bytes (a new mtime) finds them again
+    instead of training a new checkpoint.
+    """
+    st = archive.stat()
+    memo = cache_dir() / "digests" / (hashlib.sha256(
+        f"{archive.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16] + ".txt")
+    if memo.exists():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with open(archive, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    key = h.hexdigest()[:16]
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(key)
+    os.replace(tmp, memo)
+    return key
+
+
 def _unpack(archive: Path) -> Path:
-    key = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    key = _content_key(archive)
     dest = cache_dir() / "unpacked" / key
     with _lock(f"unpack-{key}"):
         if not (dest / ".complete").exists():

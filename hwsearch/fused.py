@@ -12,9 +12,10 @@ Here the same mathematics runs as:
   whose forward and hand-written backward are ``torch._foreach_*`` operations over the list of
   weights (one call per operation for all layers; multi-tensor kernels on CUDA). Per-layer scalars
   (bits, steps, scales) are vectors with one entry per layer.
-* ``FusedPact``: PACT on one layer's input in one autograd function, six passes over the activation
-  forward and five to six backward (the reference takes about eighteen), its per-layer scalars
-  computed for all layers at once by ``pact_scalars``.
+* ``FusedPact``: PACT on one layer's input in one autograd function: on a CPU one pass over the
+  activation forward and one backward (a C++ kernel, ``hwsearch/csrc/pact_cpu.cpp``), elsewhere six
+  ATen passes forward and five to six backward (the reference takes about eighteen); its per-layer
+  scalars computed for all layers at once by ``pact_scalars``.
 
 ``quant.prepare_step``, a forward pre-hook on the quantized model, calls both at the start of each
 forward pass; ``tests/test_fused.py`` checks values and every gradient against the reference.
@@ -185,9 +186,10 @@ class FusedWeights(torch.autograd.Function):
         return (None, None, g_scale, g_beta, *(g_w if g_w is not None else [None] * n))
 
 
-def pact_scalars(alpha: torch.Tensor, beta: torch.Tensor, signed: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """The per-layer constants of ``FusedPact`` for all layers at once: vectors in, and out six tuples of
-    0-d tensors (one entry per layer): lo, Δ, 1/Δ, −lo/Δ, and ∂ŷ/∂α and ∂ŷ/∂β per unit of rounding error.
+def pact_scalars(alpha: torch.Tensor, beta: torch.Tensor, signed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-layer constants of ``FusedPact`` for all layers at once: vectors in, one row per layer
+    out, ``[α, lo, Δ, 1/Δ, −lo/Δ, k_α, k_β]`` with k_α and k_β the gradients of ŷ in α and β per unit
+    of rounding error.
 
     ``alpha`` (n,) the clips (positive), ``beta`` (n,) the bitwidths, ``signed`` (n,) 0/1.
     """
@@ -200,24 +202,43 @@ def pact_scalars(alpha: torch.Tensor, beta: torch.Tensor, signed: torch.Tensor) 
         inv = levels / span
         k_alpha = (1 + signed) / levels
         k_beta = -span * LN2 * two_b / levels.square()
-        cols = torch.stack([lo, span / levels, inv, -lo * inv, k_alpha, k_beta])
-    return tuple(col.unbind() for col in cols.unbind())
+        rows = torch.stack([alpha, lo, span / levels, inv, -lo * inv, k_alpha, k_beta], dim=1)
+    return rows.unbind()
+
+
+def _kernel_for(x: torch.Tensor):
+    """The one-pass CPU kernels where they apply (float or double on a CPU, eager), else None."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return None
+    from .cpu_kernels import pact_ops
+
+    return pact_ops()
 
 
 class FusedPact(torch.autograd.Function):
-    """PACT on one layer's input at b = round(β), in a few passes, most of them in place.
+    """PACT on one layer's input at b = round(β).
 
     y = clip(x, lo, α), lo = −α (signed) or 0; Δ = (α − lo)/(2^b − 1); ŷ = lo + Δ round((y − lo)/Δ).
     Gradients as the reference ``_PactQuant``: x straight through inside [lo, α]; α gets 1 above the
     clip, −1 below it when signed, and the step-size term (r − t)·∂Δ/∂α inside; β the step-size term.
-    The per-layer constants come from ``pact_scalars`` (no per-layer scalar arithmetic here). Three
-    tensors are allocated (the output and the two saved for backward: the side of the clip each
-    input is on, and the rounding error); everything else is done in place, which on a CPU costs a
-    third of a pass that allocates.
+    ``consts`` is the layer's row from ``pact_scalars`` (no per-layer scalar arithmetic here).
+
+    On a CPU this is one pass forward and one backward (``hwsearch/csrc/pact_cpu.cpp``, saving one
+    tensor: the rounding error, with the clip side coded as ±2). Elsewhere (CUDA, other dtypes,
+    ``torch.compile``, or no compiler to build the kernel) it is a few ATen passes, most in place,
+    saving the clip side as a sign and the rounding error.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, beta, lo, delta, inv, offset, k_alpha, k_beta, signed: bool):
+    def forward(ctx, x, alpha, beta, consts, signed: bool):
+        ctx.signed = signed
+        ops = _kernel_for(x)
+        ctx.kernel = ops
+        if ops is not None:
+            out, code = ops.pact_forward(x, consts, signed)
+            ctx.save_for_backward(code, consts)
+            return out
+        alpha, lo, delta, inv, offset, k_alpha, k_beta = consts.unbind()
         t = torch.clamp_max(x, alpha)  # clamp with tensor bounds is several times slower on a CPU
         if signed:
             t.clamp_min_(lo)
@@ -232,14 +253,18 @@ class FusedPact(torch.autograd.Function):
         out = r.mul_(delta)
         if signed:
             out.add_(lo)
-        ctx.signed = signed
         ctx.save_for_backward(side, err, k_alpha, k_beta)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        side, err, k_alpha, k_beta = ctx.saved_tensors
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        if ctx.kernel is not None:
+            code, consts = ctx.saved_tensors
+            gx, g_ab = ctx.kernel.pact_backward(g, code, consts, ctx.signed, need_x)
+            g_alpha, g_beta = g_ab.unbind()
+            return gx if need_x else None, g_alpha, g_beta, None, None
+        side, err, k_alpha, k_beta = ctx.saved_tensors
         gx = torch.addcmul(g, g, side.abs(), value=-1.0) if need_x else None  # g where side == 0
         g_alpha = g_beta = None
         if need_a or need_b:
@@ -250,4 +275,4 @@ class FusedPact(torch.autograd.Function):
                 g_alpha = g_clip + k_alpha * g_err
             if need_b:
                 g_beta = k_beta * g_err
-        return gx, g_alpha, g_beta, None, None, None, None, None, None, None
+        return gx, g_alpha, g_beta, None, None

@@ -236,7 +236,8 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
 
     fit(prep.model, prep.data, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss, after_step), progress=progress,
-        desc="sinareq", history=history, compile=cfg.compile)
+        desc="sinareq", history=history, compile=cfg.compile,
+        shared_norm=free_betas if cfg.beta_update == "shared" else ())
     if state["bits"] is None:  # training ended before the freeze point
         freeze()
     return state["bits"]

@@ -17,12 +17,19 @@ __all__ = ["ScalarAdam"]
 
 
 class ScalarAdam:
-    """Adam over 0-d parameters held as one vector of moments (``step``, ``zero_grad`` as torch optimizers)."""
+    """Adam over 0-d parameters held as one vector of moments (``step``, ``zero_grad`` as torch optimizers).
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    ``shared``: parameters (a subset of ``params``) that divide by one second moment, the mean of
+    theirs, instead of each by its own: they then move in proportion to their gradients, as SGD on a
+    normalized gradient would, where Adam moves each at about ``lr`` whatever its gradient's size.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 shared=()) -> None:
         self.params = list(params)
         if any(p.dim() != 0 for p in self.params):
             raise ValueError("ScalarAdam: every parameter must be 0-d")
+        shared_ids = {id(p) for p in shared}
         self.lr, self.betas, self.eps = lr, betas, eps
         like = self.params[0] if self.params else torch.zeros(())
         n = len(self.params)
@@ -30,6 +37,11 @@ class ScalarAdam:
         self.exp_avg_sq = like.new_zeros(n).detach()
         self.steps = like.new_zeros(n).detach()
         self._zero = like.new_zeros(()).detach()
+        flags = [id(p) in shared_ids for p in self.params]
+        self.shared = None
+        if any(flags):  # (mask, the mask's weights of a mean): no boolean indexing, so no host sync
+            mask = torch.tensor(flags, dtype=torch.bool, device=like.device)
+            self.shared = (mask, mask.to(like.dtype) / sum(flags))
         self._weights: dict[tuple[bool, ...], tuple[torch.Tensor, ...]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -55,6 +67,10 @@ class ScalarAdam:
         self.exp_avg_sq.mul_(sq_decay).addcmul_(g, g, value=1 - b2)
         steps = self.steps.clamp_min(1)
         bias1 = 1 - torch.pow(b1, steps)
-        denom = (self.exp_avg_sq / (1 - torch.pow(b2, steps))).sqrt_().add_(self.eps)
+        second = self.exp_avg_sq / (1 - torch.pow(b2, steps))
+        if self.shared is not None:  # one second moment for the shared ones: the mean of theirs
+            mask, mean_weights = self.shared
+            second = torch.where(mask, second @ mean_weights, second)
+        denom = second.sqrt_().add_(self.eps)
         update = self.exp_avg / (bias1 * denom) * step_size
         torch._foreach_add_(self.params, update.unbind())

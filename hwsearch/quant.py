@@ -274,7 +274,7 @@ class _QuantMixin:
             return x
         p, self._a_next = self._a_next, None
         if p is not None:  # the constants prepare_step made for all layers at once
-            return FusedPact.apply(x, *p, self._signed)
+            return FusedPact.apply(x, *p, self._signed)  # p = (α, β, constants row)
         if not self._calibrated:
             self._calibrate(x)
         return _PactQuant.apply(x, self.a_alpha.abs() + 1e-6, self.a_beta, self._signed)
@@ -330,9 +330,9 @@ def prepare_step(root: nn.Module, args=None) -> None:
         if cached is None or cached[0] != key:  # made once, not copied to the device every step
             cached = (key, torch.tensor([float(s) for s in key[0]], device=alpha.device, dtype=alpha.dtype))
             root.__dict__["_hwsearch_signed"] = cached
-        consts = pact_scalars(alpha, beta, cached[1])
-        for m, *p in zip(acts, alpha.unbind(), beta.unbind(), *consts):
-            m._a_next = tuple(p)
+        rows = pact_scalars(alpha, beta, cached[1])
+        for m, a, b, row in zip(acts, alpha.unbind(), beta.unbind(), rows):
+            m._a_next = (a, b, row)
 
 
 def quantize_model(model: nn.Module, names: list[str], *, quantizer: str | WeightQuantizer = "dorefa",

@@ -98,9 +98,10 @@ class StepHook:
 def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_size: int, seed: int,
         quant_params: list[nn.Parameter] | None = None, lr_quant: float = 0.01, weight_decay: float = 5e-4,
         hook: StepHook | None = None, log_every: int = 20, progress: bool = False, desc: str = "train",
-        history: list[dict] | None = None, compile: bool = False) -> list[dict]:
+        history: list[dict] | None = None, compile: bool = False, shared_norm=()) -> list[dict]:
     """Train ``model`` on ``data`` with SGD (one-cycle learning rate) for the network weights and
-    Adam for the quantizer parameters (bitwidths, scales, clips).
+    Adam for the quantizer parameters (bitwidths, scales, clips); those in ``shared_norm`` share
+    one Adam second moment (``ScalarAdam``'s ``shared``).
 
     With ``compile``, the forward (and so the backward) runs through ``torch.compile``: on a GPU
     it fuses the many small fake-quantization kernels; it pays for its compile time on long runs.
@@ -121,7 +122,9 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15,
                                                 anneal_strategy="linear")
     quant = [p for p in (quant_params or []) if p.requires_grad]
-    qopt = (ScalarAdam(quant, lr=lr_quant) if all(p.dim() == 0 for p in quant)
+    if shared_norm and not all(p.dim() == 0 for p in quant):
+        raise ValueError("fit: shared_norm needs 0-d quantizer parameters (ScalarAdam)")
+    qopt = (ScalarAdam(quant, lr=lr_quant, shared=shared_norm) if all(p.dim() == 0 for p in quant)
             else torch.optim.Adam(quant, lr=lr_quant)) if quant_params else None
     gen = torch.Generator(device=data.device).manual_seed(seed)
     torch.manual_seed(seed)

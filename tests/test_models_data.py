@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -123,3 +125,34 @@ def test_concurrent_workers_unpack_and_decode_an_archive_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     results = {queue.get(timeout=5) for _ in procs}
     assert len(results) == 1 and next(iter(results))[2] == 80
+
+
+def test_an_archive_copied_or_touched_keeps_its_dataset_name(tmp_path, monkeypatch):
+    """The unpacked folder (and so the dataset's name, which keys FP32 checkpoints) follows the
+    archive's bytes: a re-created copy with a new mtime is the same dataset; other bytes are not."""
+    import shutil
+    import tarfile
+
+    from PIL import Image
+
+    monkeypatch.setenv("HWSEARCH_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (i * 40, 10, 200 if cls == "a" else 0)).save(root / split / cls / f"{i}.jpg")
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="tree")
+    first = load_dataset(f"imagefolder:{archive}").name
+    os.utime(archive, ns=(10**18, 10**18))  # same bytes, another mtime (as a fresh copy of the data gets)
+    copy = tmp_path / "elsewhere" / "data.tar.gz"
+    copy.parent.mkdir()
+    shutil.copyfile(archive, copy)
+    assert load_dataset(f"imagefolder:{archive}").name == first
+    assert load_dataset(f"imagefolder:{copy}").name == first
+    with tarfile.open(archive, "w:gz") as tar:  # other content
+        tar.add(root / "train", arcname="tree/train")
+        tar.add(root / "train", arcname="tree/test")
+    assert load_dataset(f"imagefolder:{archive}").name != first
