@@ -197,8 +197,15 @@ def main() -> int:
             report(run_job(job, preset, args.data, runs))
     elif todo:
         import multiprocessing as mp
+        import signal
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+        def stop(signum, frame):  # a killed bench takes its runs with it (they would go on, orphaned)
+            for child in mp.active_children():
+                child.terminate()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         report(run_job(todo[0], preset, args.data, runs))  # alone: it trains the shared FP32 checkpoint
         queue = todo[1:]

@@ -139,7 +139,9 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
              f"`{p['command']}` (code {p.get('code', '?')}): ResNet-20 on `{p['dataset']}`, "
              + ", ".join(f"{k}={p[k]}" for k in ("max_train", "fp32_epochs", "fp32_seed", "search_epochs", "epochs",
                                                   "batch_size") if p.get(k) is not None)
-             + f"; test images: {p.get('test_images')}; seeds {p['seeds']}. Every plan is trained at fixed bits "
+             + f"; test images: {p.get('test_images')}; seeds {p['seeds']}"
+             + (f"; the allocators' runs with {p['allocator_overrides']} (`--set`)" if p.get("allocator_overrides") else "")
+             + ". Every plan is trained at fixed bits "
              "for the same epochs from the same FP32 checkpoint; uniform is plain DoReFa + PACT "
              "(first/last layer at 8 bits). Top-1 in %; spread = max − min over seeds; Δ = mean of the "
              "per-seed differences to uniform at that budget (interpolated in log-BitOps at W2.5A2.5 and W3.5A3.5).", ""]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .cli_args import bits
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DatasetUnavailable
     from .search import SearchError
 
+    # torch.utils.cpp_extension (the fused CPU kernel's build, torch.compile on a CPU) warns on import
+    # that no CUDA runtime is found: true, and irrelevant to CPU work.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

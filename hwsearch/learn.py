@@ -190,35 +190,20 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
     state: dict = {"frozen": False, "bits": None}
     primary = budgets[0] if budgets else None
 
-    def loss(step: int, total: int):
-        s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
-        reg = stack_scalars([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
-            if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
-        extra = cfg.lambda_w * s * reg
-        logs = {"regularizer": reg.detach()}
+    def bit_terms():
+        """The learned bits' loss terms (bit pressure, budget term) and logged values: one graph."""
         w, a = _bit_vectors(prep, layers)
         w64, a64 = w.double(), a.double()
-        logs["avg_w_bits"] = w.detach() @ shown
-        logs["avg_a_bits"] = a.detach() @ shown
+        logs = {"avg_w_bits": w.detach() @ shown, "avg_a_bits": a.detach() @ shown}
         if primary:
             # The cost of the grid being trained: round(β) (the plan a freeze now would give, before projection).
             logs["cost_ratio"] = (primary[0].torch(table, w64.detach().round(), a64.detach().round()) / primary[1]).float()
-        if not state["frozen"]:
-            extra = extra + cfg.lambda_b * s * bit_pressure(table, w64, a64, pressure_model, learn_w.double(),
-                                                            learn_a.double()).float()
-            if budgets:
-                extra = extra + cfg.lambda_c * s * budget_penalty(table, w64, a64, budgets).float()
-        return extra, logs
+        pressure = bit_pressure(table, w64, a64, pressure_model, learn_w.double(), learn_a.double()).float()
+        over = budget_penalty(table, w64, a64, budgets).float() if budgets else torch.zeros_like(pressure)
+        return pressure, over, logs
 
-    def freeze() -> None:
-        w, a = _bit_vectors(prep, layers)
-        wi, ai = project_to_budgets(table, w.tolist(), a.tolist(), space, budgets)
-        set_bits(layers, table, [float(b) for b in wi], [float(b) for b in ai], freeze=True)
-        state["frozen"], state["bits"] = True, (wi, ai)
-
-    def after_step(step: int, total: int):
-        if state["frozen"] or not free_betas:
-            return
+    def project():
+        """Clamp the learned bits to [b_min, b_max] and lower them onto the budgets (in place)."""
         with torch.no_grad():
             torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
             torch._foreach_clamp_max_(free_betas, float(cfg.b_max))
@@ -231,6 +216,33 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
                 t = budget_shift(table, w, a, *free_masks, budgets, cfg.b_min, cfg.b_max)
                 torch._foreach_add_(free_betas, t.float(), alpha=-1.0)
                 torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
+
+    if cfg.compile:  # each a single graph (tests/test_fused.py checks with torch._dynamo.explain)
+        bit_terms, project = torch.compile(bit_terms, fullgraph=True), torch.compile(project, fullgraph=True)
+
+    def loss(step: int, total: int):
+        s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
+        reg = stack_scalars([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
+            if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
+        extra = cfg.lambda_w * s * reg
+        pressure, over, bit_logs = bit_terms()
+        logs = {"regularizer": reg.detach(), **bit_logs}
+        if not state["frozen"]:
+            extra = extra + cfg.lambda_b * s * pressure
+            if budgets:
+                extra = extra + cfg.lambda_c * s * over
+        return extra, logs
+
+    def freeze() -> None:
+        w, a = _bit_vectors(prep, layers)
+        wi, ai = project_to_budgets(table, w.tolist(), a.tolist(), space, budgets)
+        set_bits(layers, table, [float(b) for b in wi], [float(b) for b in ai], freeze=True)
+        state["frozen"], state["bits"] = True, (wi, ai)
+
+    def after_step(step: int, total: int):
+        if state["frozen"] or not free_betas:
+            return
+        project()
         if step + 1 >= int(cfg.freeze_at * total):
             freeze()
 

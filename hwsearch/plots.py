@@ -116,7 +116,7 @@ def plot_weight_histogram(u_before, u_after, levels, title: str, ax=None):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("normalized weight u (quantization levels dotted)")
     ax.set_ylabel("density")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")  # "best" searches 200 bins and every level line: slow, and warns
     return ax
 
 

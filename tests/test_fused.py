@@ -297,3 +297,35 @@ def test_without_a_compiler_the_aten_path_runs_after_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning
         FusedPact.apply(x, a, b, rows[0], True)
+
+
+def test_with_compile_the_step_outside_the_model_is_three_single_graphs(monkeypatch):
+    """``--compile``: besides the forward pass (above), the learned bits' loss terms, the projection
+    onto the budget and the quantizer parameters' Adam step are handed to torch.compile with
+    ``fullgraph=True``; each traces as one graph without a break (dynamo only: here torch.compile
+    is recorded, not run, and the recorded functions explained after a short learning phase)."""
+    from hwsearch.config import RunConfig
+    from hwsearch.learn import calibrate, learn_bits, prepare, quantize_prepared
+
+    recorded = []
+
+    def record(fn, **kwargs):
+        if kwargs.get("fullgraph"):
+            recorded.append(fn)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    cfg = RunConfig(model="resnet20", dataset="digits", budgets={"bitops": 40e6}, compile=True,
+                    max_train=256, max_test=64, batch_size=64, epochs=1)
+    prep = prepare(cfg)
+    layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
+    calibrate(prep.model, prep.data, 64)
+    learn_bits(prep, layers, epochs=1)
+    assert len(recorded) == 3  # bit terms, projection, ScalarAdam.step
+    for m in layers.values():  # after the freeze no bit has a gradient: give them one again
+        m.w_beta.requires_grad_(True)
+        m.w_beta.grad = torch.ones_like(m.w_beta)
+    torch._dynamo.reset()
+    for fn in recorded:
+        explained = torch._dynamo.explain(fn)()
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, (fn, explained.break_reasons)
