@@ -243,12 +243,15 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
         for p in steps:
             s = json.loads(p.read_text())
             ms = s["ms_per_step"]
-            rows.append({"device": s["device"], "torch": s["torch"], "torch.compile": s.get("compiled", False),
+            rows.append({"file": p.name, "device": s["device"], "torch": s["torch"],
+                         "torch.compile": s.get("compiled", False),
                          "FP32 ms/step": ms["fp32"], "uniform QAT ms/step": ms.get("qat", float("nan")),
                          "SINAREQ ms/step": ms["sinareq"], "QAT / FP32": s.get("qat_ratio", float("nan")),
                          "SINAREQ / FP32": s["sinareq_ratio"]})
         parts += ["## Training-step time (ResNet-20, batch 128, 32×32)", "",
-                  "`python bench/step_time.py --device cpu|cuda [--compile] --out RESULTS/step_time_<device>.json`", "",
+                  "`python bench/step_time.py --device cpu|cuda [--compile] --out RESULTS/step_time_<device>.json`"
+                  " (`step_time_cpu_aten.json`: the same with `HWSEARCH_CPU_KERNELS=0`, the input quantizers as"
+                  " ATen operations instead of the fused CPU kernel; measured right after the other)", "",
                   _md(pd.DataFrame(rows)), ""]
     for p in sorted(res.glob("search_bench_*.json")):
         s = json.loads(p.read_text())
