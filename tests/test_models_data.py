@@ -99,8 +99,8 @@ def _load_in_process(spec: str, cache: str, queue) -> None:
     queue.put((data.x_train.sum().item(), data.x_test.sum().item(), len(data.y_train)))
 
 
-def test_concurrent_workers_unpack_and_decode_an_archive_once(tmp_path):
-    import multiprocessing as mp
+def _image_tree(tmp_path, per_class: int):
+    """A tiny ImageFolder tree (train/ and test/, two classes of 8x8 JPEGs) and a .tar.gz of it."""
     import tarfile
 
     from PIL import Image
@@ -109,11 +109,18 @@ def test_concurrent_workers_unpack_and_decode_an_archive_once(tmp_path):
     for split in ("train", "test"):
         for cls in ("a", "b"):
             (root / split / cls).mkdir(parents=True)
-            for i in range(40):
+            for i in range(per_class):
                 Image.new("RGB", (8, 8), (i * 5, 10, 200 if cls == "a" else 0)).save(root / split / cls / f"{i}.jpg")
     archive = tmp_path / "data.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="tree")
+    return root, archive
+
+
+def test_concurrent_workers_unpack_and_decode_an_archive_once(tmp_path):
+    import multiprocessing as mp
+
+    _, archive = _image_tree(tmp_path, 40)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_load_in_process, args=(f"imagefolder:{archive}", str(tmp_path / "cache"), queue))
@@ -133,18 +140,8 @@ def test_an_archive_copied_or_touched_keeps_its_dataset_name(tmp_path, monkeypat
     import shutil
     import tarfile
 
-    from PIL import Image
-
     monkeypatch.setenv("HWSEARCH_CACHE", str(tmp_path / "cache"))
-    root = tmp_path / "tree"
-    for split in ("train", "test"):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (8, 8), (i * 40, 10, 200 if cls == "a" else 0)).save(root / split / cls / f"{i}.jpg")
-    archive = tmp_path / "data.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(root, arcname="tree")
+    root, archive = _image_tree(tmp_path, 3)
     first = load_dataset(f"imagefolder:{archive}").name
     os.utime(archive, ns=(10**18, 10**18))  # same bytes, another mtime (as a fresh copy of the data gets)
     copy = tmp_path / "elsewhere" / "data.tar.gz"
