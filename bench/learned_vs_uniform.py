@@ -142,6 +142,7 @@ def main() -> int:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
     ap.add_argument("--only", help="comma-separated allocators to run (uniform, sinareq, hessian)")
+    ap.add_argument("--budgets", help=f"comma-separated budgets for the allocators (default all: {','.join(BUDGETS)})")
     ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
     ap.add_argument("--workers", type=int, help="runs at once, processes sharing the cores (default: the preset's)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"), help="start no run after this many seconds")
@@ -180,6 +181,11 @@ def main() -> int:
             job["config"].update(overrides)
     if args.only:
         jobs = [j for j in jobs if j["allocator"] in args.only.split(",")]
+    if args.budgets:
+        unknown = set(args.budgets.split(",")) - set(BUDGETS)
+        if unknown:
+            ap.error(f"--budgets: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BUDGETS)})")
+        jobs = [j for j in jobs if j["allocator"] == "uniform" or j["budget"] in args.budgets.split(",")]
     todo = [j for j in jobs if not (runs / f"{j['key']}.json").exists()]
     print(f"{len(jobs)} runs, {len(todo)} to do", flush=True)
     t0 = time.time()

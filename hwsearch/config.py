@@ -42,6 +42,7 @@ class RunConfig:
     lr_fp32: float = 0.1               # SGD max learning rate of FP32 pre-training
     lr_quant: float = 0.02             # Adam learning rate for bitwidths, scales and clips
     beta_update: str = "adam"          # learned bits: adam (each β its own scale) | shared (one scale for all β)
+    tie_bits: bool = False             # SINAREQ: one learned bitwidth per layer for its weights and its input
     batch_size: int = 128
     seed: int = 0                      # seed of the quantized training (data order, initial state)
     fp32_seed: int | None = None       # seed of the FP32 checkpoint (None: seed); fixing it compares seeds from one start

@@ -181,10 +181,20 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
     # Curves show the average over quantized layers (first/last included).
     shown = torch.tensor([n in layers for n in table.names], device=prep.device, dtype=torch.float32)
     shown = shown / shown.sum().clamp_min(1.0)  # weights of the average
-    quant_params = [p for m in layers.values() for p in (m.w_beta, m.w_scale, m.a_beta, m.a_alpha)]
+    if cfg.tie_bits:
+        # One learned bitwidth per layer for its weights and its input: the input quantizer uses the
+        # weights' β (the same parameter, so its gradient is the sum of both uses). The plan is trained
+        # on a fresh model (run.train_plan), so the tie ends with this phase.
+        for i, n in enumerate(table.names):
+            if space.free_w[i] and space.free_a[i] and (m := layers.get(n)) is not None:
+                m.a_beta = m.w_beta
+    # Each parameter once (tied layers share one β).
+    quant_params = list({id(p): p for m in layers.values()
+                         for p in (m.w_beta, m.w_scale, m.a_beta, m.a_alpha)}.values())
     # The learned bitwidths (one 0-d parameter per layer and kind), for in-place clamps and shifts.
     free_betas = [m.w_beta for i, n in enumerate(table.names) if space.free_w[i] and (m := layers.get(n))] + \
                  [m.a_beta for i, n in enumerate(table.names) if space.free_a[i] and (m := layers.get(n))]
+    free_betas = list({id(p): p for p in free_betas}.values())
     for m in layers.values():
         m.reg_enabled = cfg.lambda_w > 0
     state: dict = {"frozen": False, "bits": None}
