@@ -287,3 +287,22 @@ def test_learned_bits_are_kept_on_the_budget_at_every_step():
     assert ratios[0] > 1.0  # the first logging point includes step 0, before any projection
     assert all(r <= 1.0 + 1e-6 for r in ratios[1:])
     assert result.plan["totals"]["bitops"] <= w3 * (1 + 1e-9)
+
+
+def test_tied_bits_learn_one_bitwidth_per_layer():
+    """``tie_bits``: each free layer's input uses its weights' β during learning (one parameter, stepped
+    and projected once), so the plan gives a layer's weights and input the same bits, within budget."""
+    from cost_models import get_cost_model
+    from hwsearch.costs import uniform_bits
+    from hwsearch.learn import calibrate, learn_bits, quantize_prepared
+
+    table = prepare(RunConfig()).table
+    w3 = get_cost_model("bitops")(table, *uniform_bits(table, 3, 3))
+    prep = prepare(RunConfig(budgets={"bitops": w3}, tie_bits=True, max_train=256, batch_size=64, epochs=1))
+    layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
+    calibrate(prep.model, prep.data, 64)
+    w, a = learn_bits(prep, layers, epochs=2)
+    both = [i for i in range(len(table)) if prep.space.free_w[i] and prep.space.free_a[i]]
+    assert both and all(layers[table.names[i]].a_beta is layers[table.names[i]].w_beta for i in both)
+    assert [w[i] for i in both] == [a[i] for i in both]
+    assert get_cost_model("bitops")(table, w, a) <= w3 * (1 + 1e-9)
