@@ -183,11 +183,21 @@ def solve_bits(options: Sequence[Sequence[tuple[int, int]]], objective: Sequence
     for cost, budget in zip(costs, budgets):
         row = np.concatenate([np.asarray(v, dtype=float) for v in cost]) / budget  # relative to the cap: well scaled
         constraints.append(LinearConstraint(row[None, :], -np.inf, 1.0))
-    res = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(np.zeros(n), upper),
-               options={"mip_rel_gap": 0.0, "presolve": True})
-    if res.status != 0 or res.x is None:
-        raise InfeasibleBudget(f"the integer program has no solution within the budgets ({res.message})")
-    return [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(options))]
+    # HiGHS accepts a constraint violated within its feasibility tolerance (about 1e-6 of a budget); a
+    # choice that exceeds a budget by a hair in exact arithmetic is cut off (no-good cut: not this same
+    # choice again) and the program solved again, so the answer is exact.
+    for _ in range(100):
+        res = milp(c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(np.zeros(n), upper),
+                   options={"mip_rel_gap": 0.0, "presolve": True})
+        if res.status != 0 or res.x is None:
+            raise InfeasibleBudget(f"the integer program has no solution within the budgets ({res.message})")
+        choice = [int(np.argmax(res.x[offsets[i]:offsets[i + 1]])) for i in range(len(options))]
+        if all(sum(cost[i][j] for i, j in enumerate(choice)) <= budget for cost, budget in zip(costs, budgets)):
+            return choice
+        cut = np.zeros(n)
+        cut[[offsets[i] + j for i, j in enumerate(choice)]] = 1.0
+        constraints.append(LinearConstraint(cut[None, :], -np.inf, len(options) - 1))
+    raise InfeasibleBudget("the integer program kept returning choices just over a budget")
 
 
 def hessian_bits(model: nn.Module, table: LayerTable, names: Sequence[str], space: BitSpace,

@@ -95,3 +95,15 @@ def test_hessian_plan_respects_fixed_layers_and_every_budget():
     assert all(2 <= b <= 6 for b in w[1:-1] + a[1:-1])
     assert bitops(table, w, a) <= budget
     assert set(sens.weight) == set(table.names)
+
+
+def test_a_choice_over_the_budget_by_a_rounding_error_is_not_returned():
+    """Found by hypothesis in CI: one layer, budget a hair under the (4, 4) option's cost; HiGHS, within
+    its feasibility tolerance, returned (4, 4). The answer must be the best choice that fits exactly."""
+    options = [list(itertools.product([2, 3, 4], [2, 3, 4]))]
+    objective = [[4.0 ** -w + 4.0 ** -a for w, a in options[0]]]
+    costs = [[[100 * w * a for w, a in options[0]]]]
+    budget = 400 + 0.9999999999999999 * (1600 - 400)
+    assert budget < 1600
+    got = solve_bits(options, objective, costs, [budget])
+    assert options[0][got[0]] in {(3, 4), (4, 3)}
