@@ -157,6 +157,8 @@ def main() -> int:
         Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "batch": 128,
                                              "compiled": args.compile,
                                              "ms_per_step": {k: 1000 * v for k, v in results.items()},
+                                             "ms_per_step_each_repeat": {k: [1000 * t for t in v]
+                                                                         for k, v in times.items()},
                                              "ops_per_step": ops, **ratios},
                                              indent=1))
     return 0

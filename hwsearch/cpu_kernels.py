@@ -70,7 +70,7 @@ def pact_ops():
                     _state["ops"] = _build()
                 except Exception as exc:  # no compiler, no ninja, no headers: train on the ATen path
                     _state["ops"] = None
+                    last_line = (str(exc).strip().splitlines() or [""])[-1]  # the compiler's own words
                     warnings.warn(f"hwsearch: fused CPU kernels unavailable, using the slower ATen path "
-                                  f"({type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''})",
-                                  RuntimeWarning, stacklevel=2)
+                                  f"({type(exc).__name__}: {last_line})", RuntimeWarning, stacklevel=2)
     return _state["ops"]

@@ -200,16 +200,19 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
     state: dict = {"frozen": False, "bits": None}
     primary = budgets[0] if budgets else None
 
-    def bit_terms():
-        """The learned bits' loss terms (bit pressure, budget term) and logged values: one graph."""
+    def bit_terms(frozen: bool):
+        """The logged bit values and, until the freeze, the learned bits' loss terms (bit pressure, and
+        the budget term when there are budgets; None otherwise): one graph per value of ``frozen``."""
         w, a = _bit_vectors(prep, layers)
         w64, a64 = w.double(), a.double()
         logs = {"avg_w_bits": w.detach() @ shown, "avg_a_bits": a.detach() @ shown}
         if primary:
             # The cost of the grid being trained: round(β) (the plan a freeze now would give, before projection).
             logs["cost_ratio"] = (primary[0].torch(table, w64.detach().round(), a64.detach().round()) / primary[1]).float()
+        if frozen:  # the last steps train at fixed bits: no bit terms to compute
+            return None, None, logs
         pressure = bit_pressure(table, w64, a64, pressure_model, learn_w.double(), learn_a.double()).float()
-        over = budget_penalty(table, w64, a64, budgets).float() if budgets else torch.zeros_like(pressure)
+        over = budget_penalty(table, w64, a64, budgets).float() if budgets else None
         return pressure, over, logs
 
     def project():
@@ -235,12 +238,12 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         reg = stack_scalars([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
             if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
         extra = cfg.lambda_w * s * reg
-        pressure, over, bit_logs = bit_terms()
+        pressure, over, bit_logs = bit_terms(state["frozen"])
         logs = {"regularizer": reg.detach(), **bit_logs}
-        if not state["frozen"]:
+        if pressure is not None:
             extra = extra + cfg.lambda_b * s * pressure
-            if budgets:
-                extra = extra + cfg.lambda_c * s * over
+        if over is not None:
+            extra = extra + cfg.lambda_c * s * over
         return extra, logs
 
     def freeze() -> None:
