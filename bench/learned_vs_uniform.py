@@ -6,6 +6,7 @@ of W2A2/W3A3 and W3A3/W4A4 where no uniform plan exists, it runs for every seed:
 - ``uniform``: uniform W2A2, W3A3, W4A4 (plain DoReFa + PACT QAT, ``--bits B --lambda-w 0``);
 - ``sinareq``: SINAREQ chooses the plan, which is then trained like uniform (``hwsearch run``);
 - ``hessian``: the Hessian-trace allocator chooses it (``hwsearch run --allocator hessian``);
+- ``measured``: the same integer program on each layer's measured loss increase (``--allocator measured``);
 
 every plan trained for the same epochs from the seed's FP32 checkpoint and tested on the whole
 10,000-image CIFAR-10 test set. At the intermediate budgets the uniform value is interpolated
@@ -47,7 +48,7 @@ PRESETS = {
 UNIFORM = {"W2A2": 2, "W3A3": 3, "W4A4": 4}
 BUDGETS = ["W2.5A2.5", "W3A3", "W3.5A3.5", "W4A4"]
 BETWEEN = {"W2.5A2.5": ("W2A2", "W3A3"), "W3.5A3.5": ("W3A3", "W4A4")}
-ALLOCATORS = ["sinareq", "hessian"]
+ALLOCATORS = ["sinareq", "hessian", "measured"]
 
 
 def budgets_bitops(table) -> dict[str, float]:
@@ -141,7 +142,7 @@ def main() -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
-    ap.add_argument("--only", help="comma-separated allocators to run (uniform, sinareq, hessian)")
+    ap.add_argument("--only", help="comma-separated allocators to run (uniform, sinareq, hessian, measured)")
     ap.add_argument("--budgets", help=f"comma-separated budgets for the allocators (default all: {','.join(BUDGETS)})")
     ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
     ap.add_argument("--workers", type=int, help="runs at once, processes sharing the cores (default: the preset's)")

@@ -96,9 +96,10 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
                    help="starting bits of learned layers (default: the tightest budget as uniform bits, else b-max)")
     p.add_argument("--first-last-bits", type=non_negative_int, default=8,
                    help="bits of the first and last layer (default 8; 0: the allocator chooses them too)")
-    p.add_argument("--allocator", choices=["sinareq", "hessian"], default="sinareq",
-                   help="who chooses the plan: sinareq (learned bits, default) or hessian (Hessian-trace "
-                        "sensitivity and an exact integer program over the budget)")
+    p.add_argument("--allocator", choices=["sinareq", "hessian", "measured"], default="sinareq",
+                   help="who chooses the plan: sinareq (learned bits, default), hessian (Hessian-trace "
+                        "sensitivity and an exact integer program over the budget) or measured (the same "
+                        "program on each layer's measured loss increase)")
     p.add_argument("--epochs", type=positive_int,
                    help="epochs of training the chosen plan at fixed bits, as a uniform baseline gets "
                         "(default: 30 on digits, 10 otherwise)")

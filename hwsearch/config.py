@@ -8,7 +8,7 @@ from cost_models import get_cost_model
 
 __all__ = ["ALLOCATORS", "RunConfig"]
 
-ALLOCATORS = ("sinareq", "hessian")
+ALLOCATORS = ("sinareq", "hessian", "measured")
 
 
 @dataclass(frozen=True)
@@ -27,9 +27,11 @@ class RunConfig:
     input_bits: int = 8                # bits of the image input to the first layer
     fp32_epochs: int = 30              # epochs of the cached FP32 checkpoint
     allocator: str = "sinareq"         # who chooses the plan: sinareq (learned bits) | hessian (HAWQ-style ILP)
+                                       # | measured (the same ILP on each layer's measured loss increase)
     search_epochs: int | None = None   # epochs of the bit-learning phase (None: same as epochs)
     hessian_batches: int = 2           # hessian allocator: training batches the Hessian traces average over
     hessian_samples: int = 8           # hessian allocator: Hutchinson samples (Hessian-vector products) per batch
+    measured_batches: int = 8          # measured allocator: training batches each layer's loss increase is taken on
     epochs: int = 10                   # epochs of training the plan at fixed bits (as a uniform baseline gets)
     plan_lambda_w: float = 0.0         # regularizer strength while training a chosen plan (0: plain QAT, as uniform)
     freeze_at: float = 0.8             # fraction of steps after which bits are rounded and frozen
@@ -68,7 +70,7 @@ class RunConfig:
         if not (self.first_last_bits == 0 or lowest <= self.first_last_bits <= 32):
             raise ValueError(f"first_last_bits: must be 0 or within {lowest}..32, got {self.first_last_bits}")
         for name in ("fp32_epochs", "epochs", "batch_size", "search_epochs", "hessian_batches",
-                     "hessian_samples"):
+                     "hessian_samples", "measured_batches"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
         for name in ("freeze_at", "reg_start"):

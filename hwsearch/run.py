@@ -106,19 +106,25 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
     out: dict = {}
     if cfg.fixed_bits is not None:
         w, a = project_to_budgets(prep.table, prep.w_init, prep.a_init, prep.space, budgets)
-    elif cfg.allocator == "hessian":
+    elif cfg.allocator in ("hessian", "measured"):
         from .hessian import hessian_bits
 
+        measured = cfg.allocator == "measured"
+        wanted = cfg.measured_batches if measured else cfg.hessian_batches
         gen = torch.Generator(device=prep.data.device).manual_seed(cfg.seed)
         batches = []
         for x, y in prep.data.train_batches(cfg.batch_size, gen):
             batches.append((x, y))
-            if len(batches) == cfg.hessian_batches:
+            if len(batches) == wanted:
                 break
         (w, a), sens = hessian_bits(prep.model, prep.table, prep.quantizable, prep.space, prep.w_init, prep.a_init,
                                     budgets, batches, quantizer=cfg.quantizer, samples=cfg.hessian_samples,
-                                    seed=cfg.seed)
-        out["hessian_trace"] = {n: {"weights": sens.weight_trace[n], "inputs": sens.act_trace[n]} for n in sens.names}
+                                    seed=cfg.seed, measured=measured)
+        if measured:
+            out["measured_loss_increase"] = {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
+        else:
+            out["hessian_trace"] = {n: {"weights": sens.weight_trace[n], "inputs": sens.act_trace[n]}
+                                    for n in sens.names}
     else:
         layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
         calibrate(prep.model, prep.data, cfg.batch_size)
