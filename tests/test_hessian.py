@@ -2,12 +2,14 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from cost_models import get_cost_model, profile
-from hwsearch.hessian import hessian_bits, hutchinson_traces, solve_bits
+from hwsearch.hessian import hessian_bits, hutchinson_traces, measured_sensitivity, solve_bits
+from hwsearch.quant import _PactQuant, mse_clip, weight_quantizers
 from hwsearch.rounding import BitSpace, InfeasibleBudget
 
 
@@ -66,21 +68,23 @@ def test_hutchinson_matches_the_exact_trace_of_a_quadratic():
     assert ta["1"] > 0
 
 
-def test_hessian_plan_respects_fixed_layers_and_every_budget():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l0 = nn.Conv2d(1, 4, 3, padding=1)
-            self.l1 = nn.Conv2d(4, 4, 3, padding=1)
-            self.l2 = nn.Conv2d(4, 4, 3, padding=1)
-            self.l3 = nn.Linear(4, 3)
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l0 = nn.Conv2d(1, 4, 3, padding=1)
+        self.l1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.l2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.l3 = nn.Linear(4, 3)
 
-        def forward(self, x):
-            x = torch.relu(self.l2(torch.relu(self.l1(torch.relu(self.l0(x))))))
-            return self.l3(x.mean((2, 3)))
+    def forward(self, x):
+        x = torch.relu(self.l2(torch.relu(self.l1(torch.relu(self.l0(x))))))
+        return self.l3(x.mean((2, 3)))
 
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_hessian_plan_respects_fixed_layers_and_every_budget(measured):
     torch.manual_seed(0)
-    model = Net()
+    model = _Net()
     table = profile(model, (1, 1, 4, 4))
     n = len(table)
     free = [0 < i < n - 1 for i in range(n)]
@@ -90,7 +94,7 @@ def test_hessian_plan_respects_fixed_layers_and_every_budget():
     budget = bitops(table, [8, 3, 3, 8], [8, 3, 3, 8])
     x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
     (w, a), sens = hessian_bits(model, table, table.names, space, w0, w0, [(bitops, budget)], [(x, y)],
-                                quantizer="dorefa", samples=4)
+                                quantizer="dorefa", samples=4, measured=measured)
     assert (w[0], a[0], w[-1], a[-1]) == (8, 8, 8, 8)
     assert all(2 <= b <= 6 for b in w[1:-1] + a[1:-1])
     assert bitops(table, w, a) <= budget
@@ -107,3 +111,50 @@ def test_a_choice_over_the_budget_by_a_rounding_error_is_not_returned():
     assert budget < 1600
     got = solve_bits(options, objective, costs, [budget])
     assert options[0][got[0]] in {(3, 4), (4, 3)}
+
+
+def test_measured_sensitivity_is_the_loss_increase_of_one_quantized_layer():
+    torch.manual_seed(0)
+    model = _Net()
+    xs = [torch.randn(32, 1, 4, 4) for _ in range(2)]
+    with torch.no_grad():  # sharp logits, labels the float model predicts: quantizing costs loss
+        model.l3.weight.mul_(50)
+        batches = [(x, model(x).argmax(1)) for x in xs]
+    names = ["l1", "l2"]
+    bits = (2, 3, 4, 5, 6)
+    sens = measured_sensitivity(model, names, batches, quantizer="dorefa", bits=bits)
+    assert model.training  # restored
+
+    def loss():
+        with torch.no_grad():
+            model.eval()
+            total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / 64
+            model.train()
+            return float(total)
+
+    base, q = loss(), weight_quantizers.get("dorefa")
+    # the raw increases, computed here by hand; the sensitivity is their running max from high bits down
+    w = model.l1.weight.detach().clone()
+    raw_w = {}
+    for b in bits:
+        with torch.no_grad():
+            model.l1.weight.copy_(q.quantize(w, torch.tensor(float(b)), torch.tensor(q.init_scale(w)))[0])
+        raw_w[b] = loss() - base
+        with torch.no_grad():
+            model.l1.weight.copy_(w)
+    assert loss() == base  # the weights were put back
+    x0 = torch.relu(model.l0(batches[0][0])).detach()
+    raw_a = {}
+    for b in bits:
+        alpha = mse_clip(x0, torch.tensor(float(b)), False)
+        h = model.l1.register_forward_pre_hook(lambda m, a, al=alpha, b=b: (
+            _PactQuant.apply(a[0], al, torch.tensor(float(b)), False),))
+        raw_a[b] = loss() - base
+        h.remove()
+    for raw, got in ((raw_w, sens.weight["l1"]), (raw_a, sens.act["l1"])):
+        for b in bits:
+            assert got[b] == pytest.approx(max(0.0, *(raw[c] for c in bits if c >= b)), abs=1e-6)
+    assert min(abs(raw_w[2]), abs(raw_a[2])) > 5e-5  # 2 bits change the loss: the comparison above tests something
+    for table in (sens.weight, sens.act):
+        for n in names:
+            assert all(table[n][b] >= table[n][b + 1] >= 0 for b in bits[:-1])

@@ -45,14 +45,15 @@ def test_run_searches_then_trains_the_plan(digits_run):
     assert plan["metrics"]["top1"] == metrics["top1"]  # the plan's top-1 is the trained one
 
 
-def test_hessian_allocator_plans_within_budget_and_apply_reproduces_it(tmp_path, capsys):
+@pytest.mark.parametrize("allocator, record", [("hessian", "hessian_trace"), ("measured", "measured_loss_increase")])
+def test_ilp_allocators_plan_within_budget_and_apply_reproduces_it(allocator, record, tmp_path, capsys):
     out = tmp_path / "h"
     quick = ["--fp32-epochs", "8", "--epochs", "2", "--quiet"]  # the FP32 checkpoint digits_run cached
-    assert main(["run", "--allocator", "hessian", "--budget-bitops", "20M", "--out", str(out), *quick]) == 0
+    assert main(["run", "--allocator", allocator, "--budget-bitops", "20M", "--out", str(out), *quick]) == 0
     plan = load_plan(out / "plan.json")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert plan["totals"]["bitops"] <= 20e6 and metrics["allocator"] == "hessian"
-    assert "search_top1" not in metrics and len(metrics["allocation"]["hessian_trace"]) == 20
+    assert plan["totals"]["bitops"] <= 20e6 and metrics["allocator"] == allocator
+    assert "search_top1" not in metrics and len(metrics["allocation"][record]) == 20
     bits = {(layer["weight_bits"], layer["act_bits"]) for layer in plan["layers"][1:-1]}
     assert len(bits) > 1  # a mixed plan, not uniform bits
     capsys.readouterr()
