@@ -110,6 +110,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--lambda-w", type=non_negative_float, help="SINAREQ regularizer strength (default 1)")
     p.add_argument("--lambda-b", type=non_negative_float, help="bit-pressure strength (default 0.05)")
     p.add_argument("--lambda-c", type=non_negative_float, help="budget-term strength (default 2)")
+    p.add_argument("--lambda-s", type=non_negative_float,
+                   help="SINAREQ: strength of each layer's measured loss increase at its learned bits (default 0: off)")
     p.add_argument("--lr", type=positive_float, help="max SGD learning rate while quantized (default 0.02)")
     p.add_argument("--lr-fp32", type=positive_float, help="max SGD learning rate of the FP32 checkpoint (default 0.1)")
     p.add_argument("--batch-size", type=positive_int, help="training batch size (default 128)")
@@ -141,7 +143,7 @@ def config_from_args(args, **overrides):
               "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
               "epochs": args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 10)}
     fields["allocator"] = args.allocator
-    for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lr", "lr_fp32", "batch_size",
+    for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lambda_s", "lr", "lr_fp32", "batch_size",
                  "search_epochs", "plan_lambda_w", "fp32_seed"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

@@ -40,11 +40,13 @@ class RunConfig:
     lambda_w: float = 1.0              # SINAREQ regularizer strength while bits learn (and in fixed-bit mode)
     lambda_b: float = 0.05             # bit-pressure strength
     lambda_c: float = 2.0              # budget-term strength
+    lambda_s: float = 0.0              # SINAREQ: strength of the measured accuracy cost of the learned bits
+                                       # (Σ_l Ω_l(β_l), each layer's measured loss increase; 0: off)
     lr: float = 0.02                   # SGD max learning rate for weights when fine-tuning quantized
     lr_fp32: float = 0.1               # SGD max learning rate of FP32 pre-training
     lr_quant: float = 0.02             # Adam learning rate for bitwidths, scales and clips
     beta_update: str = "adam"          # learned bits: adam (each β its own scale) | shared (one scale for all β)
-    tie_bits: bool = False             # SINAREQ: one learned bitwidth per layer for its weights and its input
+    tie_bits: bool = False             # one bitwidth per layer for its weights and its input (every allocator)
     batch_size: int = 128
     seed: int = 0                      # seed of the quantized training (data order, initial state)
     fp32_seed: int | None = None       # seed of the FP32 checkpoint (None: seed); fixing it compares seeds from one start
@@ -76,7 +78,7 @@ class RunConfig:
         for name in ("freeze_at", "reg_start"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
-        for name in ("lambda_w", "lambda_b", "lambda_c", "plan_lambda_w"):
+        for name in ("lambda_w", "lambda_b", "lambda_c", "lambda_s", "plan_lambda_w"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "lr_fp32", "lr_quant"):

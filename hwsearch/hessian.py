@@ -272,9 +272,11 @@ def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequen
 
 
 def plan_bits(table: LayerTable, space: BitSpace, w_fixed: Sequence[float], a_fixed: Sequence[float],
-              budgets: Sequence[tuple[CostModel, float]], sens: Sensitivity) -> tuple[list[int], list[int]]:
+              budgets: Sequence[tuple[CostModel, float]], sens: Sensitivity, *,
+              tie: bool = False) -> tuple[list[int], list[int]]:
     """Integer bits per table row that minimize Σ Ω (``sens``) within every budget (free bits in
-    [b_min, b_max]; fixed bits as given in ``w_fixed``/``a_fixed``): the exact integer program."""
+    [b_min, b_max]; fixed bits as given in ``w_fixed``/``a_fixed``): the exact integer program.
+    ``tie``: a layer whose weight and input bits are both free gets one bitwidth for both (HAWQ-V3)."""
     bits = tuple(range(space.b_min, space.b_max + 1))
     n = len(table)
     opts: list[list[tuple[int, int]]] = []
@@ -282,7 +284,7 @@ def plan_bits(table: LayerTable, space: BitSpace, w_fixed: Sequence[float], a_fi
     for i, layer in enumerate(table.layers):
         ws = bits if space.free_w[i] else (int(round(w_fixed[i])),)
         as_ = bits if space.free_a[i] else (int(round(a_fixed[i])),)
-        pairs = list(itertools.product(ws, as_))
+        pairs = [(b, b) for b in bits] if tie and space.free_w[i] and space.free_a[i] else list(itertools.product(ws, as_))
         opts.append(pairs)
         quantized = layer.name in sens.weight
         objective.append([(sens.weight[layer.name].get(wb, 0.0) if quantized and space.free_w[i] else 0.0)
@@ -310,9 +312,10 @@ def plan_bits(table: LayerTable, space: BitSpace, w_fixed: Sequence[float], a_fi
 def hessian_bits(model: nn.Module, table: LayerTable, names: Sequence[str], space: BitSpace,
                  w_fixed: Sequence[float], a_fixed: Sequence[float], budgets: Sequence[tuple[CostModel, float]],
                  batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, quantizer: str, samples: int = 16,
-                 seed: int = 0, measured: bool = False) -> tuple[tuple[list[int], list[int]], Sensitivity]:
+                 seed: int = 0, measured: bool = False, tie: bool = False) -> tuple[tuple[list[int], list[int]], Sensitivity]:
     """Integer bits per table row that minimize Σ Ω within every budget, Ω from Hessian traces
-    (``sensitivity``) or, with ``measured``, from the loss itself (``measured_sensitivity``).
+    (``sensitivity``) or, with ``measured``, from the loss itself (``measured_sensitivity``); ``tie``:
+    one bitwidth per layer for its weights and its input.
 
     Returns:
         ((weight bits, activation bits) per table row, the sensitivity it was chosen from).
@@ -322,4 +325,4 @@ def hessian_bits(model: nn.Module, table: LayerTable, names: Sequence[str], spac
         sens = measured_sensitivity(model, names, batches, quantizer=quantizer, bits=bits)
     else:
         sens = sensitivity(model, names, batches, quantizer=quantizer, bits=bits, samples=samples, seed=seed)
-    return plan_bits(table, space, w_fixed, a_fixed, budgets, sens), sens
+    return plan_bits(table, space, w_fixed, a_fixed, budgets, sens, tie=tie), sens

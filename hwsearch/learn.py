@@ -23,10 +23,10 @@ from .fused import stack_scalars
 from .models import create_model
 from .quant import quant_layers, quantize_model
 from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
-from .sinareq import bit_pressure, budget_penalty, strength
+from .sinareq import accuracy_cost, bit_pressure, budget_penalty, strength
 from .train import StepHook, fit, resolve_device
 
-__all__ = ["Prepared", "calibrate", "learn_bits", "load_data", "prepare", "quantize_prepared"]
+__all__ = ["Prepared", "calibrate", "learn_bits", "load_data", "measure_omega", "prepare", "quantize_prepared"]
 
 
 @dataclass
@@ -161,12 +161,35 @@ def calibrate(model: nn.Module, data: TensorData, batch_size: int) -> None:
         model.train(was)
 
 
+def measure_omega(prep: Prepared, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Measure every quantizable layer's loss increase at every bitwidth on the float model
+    (``hwsearch.hessian.measured_sensitivity``) and lay it out for ``learn_bits``: (weights, inputs)
+    tensors of [table rows, b_max − b_min + 1], zero where a bit does not learn. Returns the tensors
+    and the ``Sensitivity``."""
+    from .hessian import measured_sensitivity
+
+    cfg, space = prep.config, prep.space
+    bits = tuple(range(cfg.b_min, cfg.b_max + 1))
+    sens = measured_sensitivity(prep.model, prep.quantizable, batches, quantizer=cfg.quantizer, bits=bits)
+    rows_w, rows_a = [], []
+    for i, name in enumerate(prep.table.names):
+        for rows, table, free in ((rows_w, sens.weight, space.free_w[i]), (rows_a, sens.act, space.free_a[i])):
+            rows.append([table[name][b] if free and name in table else 0.0 for b in bits])
+    as_tensor = lambda rows: torch.tensor(rows, dtype=torch.float32, device=prep.device)  # noqa: E731
+    return (as_tensor(rows_w), as_tensor(rows_a)), sens
+
+
 def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = False,
-               history: list[dict] | None = None) -> tuple[list[int], list[int]]:
+               history: list[dict] | None = None,
+               omega: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[int], list[int]]:
     """The SINAREQ phase: train ``prep.model`` (already quantized, ``layers``) for ``epochs`` with
-    task loss + λ_w·Σ R_l + λ_b·bit pressure + λ_c·budget term while the bitwidths learn; after
-    every step clamp them to [b_min, b_max] and project them onto the budgets; at ``freeze_at``
-    round them with the hard guarantee and freeze them (the rest fine-tunes at fixed bits).
+    task loss + λ_w·Σ R_l + λ_b·bit pressure + λ_c·budget term (+ λ_s·Σ Ω_l(β_l) with ``omega``)
+    while the bitwidths learn; after every step clamp them to [b_min, b_max] and project them onto
+    the budgets; at ``freeze_at`` round them with the hard guarantee and freeze them (the rest
+    fine-tunes at fixed bits).
+
+    ``omega``: (weights, inputs), each [table rows, b_max − b_min + 1], the measured loss increase of
+    each layer at each integer bitwidth (zero rows for bits that do not learn); see ``measure_omega``.
 
     Returns:
         The integer weight and activation bits per table row: the plan.
@@ -210,10 +233,14 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
             # The cost of the grid being trained: round(β) (the plan a freeze now would give, before projection).
             logs["cost_ratio"] = (primary[0].torch(table, w64.detach().round(), a64.detach().round()) / primary[1]).float()
         if frozen:  # the last steps train at fixed bits: no bit terms to compute
-            return None, None, logs
+            return None, None, None, logs
         pressure = bit_pressure(table, w64, a64, pressure_model, learn_w.double(), learn_a.double()).float()
         over = budget_penalty(table, w64, a64, budgets).float() if budgets else None
-        return pressure, over, logs
+        acc = None
+        if omega is not None:
+            acc = accuracy_cost(w, omega[0], cfg.b_min) + accuracy_cost(a, omega[1], cfg.b_min)
+            logs["accuracy_cost"] = acc.detach()
+        return pressure, over, acc, logs
 
     def project():
         """Clamp the learned bits to [b_min, b_max] and lower them onto the budgets (in place)."""
@@ -238,12 +265,14 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         reg = stack_scalars([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
             if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
         extra = cfg.lambda_w * s * reg
-        pressure, over, bit_logs = bit_terms(state["frozen"])
+        pressure, over, acc, bit_logs = bit_terms(state["frozen"])
         logs = {"regularizer": reg.detach(), **bit_logs}
         if pressure is not None:
             extra = extra + cfg.lambda_b * s * pressure
         if over is not None:
             extra = extra + cfg.lambda_c * s * over
+        if acc is not None:
+            extra = extra + cfg.lambda_s * s * acc
         return extra, logs
 
     def freeze() -> None:

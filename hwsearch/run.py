@@ -24,7 +24,7 @@ from .config import RunConfig
 from .costs import FLOAT_BITS
 from .data import TensorData
 from .fused import stack_scalars
-from .learn import Prepared, calibrate, learn_bits, load_data, prepare, quantize_prepared
+from .learn import Prepared, calibrate, learn_bits, load_data, measure_omega, prepare, quantize_prepared
 from .models import create_model
 from .plan import build_plan, check_plan_matches, check_plan_totals, save_plan
 from .quant import quant_layers, quantize_model
@@ -95,6 +95,17 @@ def train_plan(model: nn.Module, data: TensorData, table: LayerTable, w_bits: li
     return layers
 
 
+def _train_batches(prep: Prepared, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` training batches in the run's seeded order (what sensitivities are measured on)."""
+    gen = torch.Generator(device=prep.data.device).manual_seed(prep.config.seed)
+    batches = []
+    for x, y in prep.data.train_batches(prep.config.batch_size, gen):
+        batches.append((x, y))
+        if len(batches) == count:
+            break
+    return batches
+
+
 def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | None = None) -> dict:
     """Choose the plan's integer bits with ``prep.config.allocator`` (uniform bits in fixed-bit mode).
 
@@ -110,25 +121,23 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
         from .hessian import hessian_bits
 
         measured = cfg.allocator == "measured"
-        wanted = cfg.measured_batches if measured else cfg.hessian_batches
-        gen = torch.Generator(device=prep.data.device).manual_seed(cfg.seed)
-        batches = []
-        for x, y in prep.data.train_batches(cfg.batch_size, gen):
-            batches.append((x, y))
-            if len(batches) == wanted:
-                break
+        batches = _train_batches(prep, cfg.measured_batches if measured else cfg.hessian_batches)
         (w, a), sens = hessian_bits(prep.model, prep.table, prep.quantizable, prep.space, prep.w_init, prep.a_init,
                                     budgets, batches, quantizer=cfg.quantizer, samples=cfg.hessian_samples,
-                                    seed=cfg.seed, measured=measured)
+                                    seed=cfg.seed, measured=measured, tie=cfg.tie_bits)
         if measured:
             out["measured_loss_increase"] = {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
         else:
             out["hessian_trace"] = {n: {"weights": sens.weight_trace[n], "inputs": sens.act_trace[n]}
                                     for n in sens.names}
     else:
+        omega = None
+        if cfg.lambda_s > 0:  # the measured accuracy cost of bits, on the FP32 checkpoint
+            omega, sens = measure_omega(prep, _train_batches(prep, cfg.measured_batches))
+            out["measured_loss_increase"] = {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
         layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
         calibrate(prep.model, prep.data, cfg.batch_size)
-        w, a = learn_bits(prep, layers, epochs=cfg.learning_epochs, progress=progress, history=history)
+        w, a = learn_bits(prep, layers, epochs=cfg.learning_epochs, progress=progress, history=history, omega=omega)
         recalibrate_bn(prep.model, prep.data, batch_size=cfg.batch_size, seed=cfg.seed)
         out["search_top1"] = evaluate(prep.model, prep.data)
     out.update({"w_bits": [int(b) for b in w], "a_bits": [int(b) for b in a], "seconds": time.time() - t0})

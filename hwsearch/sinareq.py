@@ -15,7 +15,7 @@ from cost_models import CostModel, LayerTable
 
 from .quant import WeightQuantizer
 
-__all__ = ["bit_pressure", "budget_penalty", "regularizer", "strength"]
+__all__ = ["accuracy_cost", "bit_pressure", "budget_penalty", "regularizer", "strength"]
 
 
 def regularizer(w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor, quantizer: WeightQuantizer) -> torch.Tensor:
@@ -54,3 +54,15 @@ def bit_pressure(table: LayerTable, w_bits: torch.Tensor, a_bits: torch.Tensor, 
     costs = model.layer_costs(table, w_bits, a_bits).detach()
     share = costs / costs.sum().clamp_min(1e-12)
     return (share * (w_bits * learn_w + a_bits * learn_a)).sum() / 8.0
+
+
+def accuracy_cost(bits: torch.Tensor, omega: torch.Tensor, b_min: int) -> torch.Tensor:
+    """Σ_l Ω_l(β_l): each layer's measured loss increase (``omega[l, k]`` at bitwidth b_min + k, e.g.
+    from ``hwsearch.hessian.measured_sensitivity``), linear between integer bitwidths, so that β_l's
+    gradient is minus what the layer's next bit is worth in loss. Rows of zeros leave a layer out."""
+    top = omega.shape[1] - 1
+    x = bits - b_min  # not clamped: at b_min exactly (where the projection leaves many bits) β keeps its slope
+    k = x.detach().floor().clamp(0, top - 1).long()
+    lo = omega.gather(1, k[:, None])[:, 0]
+    hi = omega.gather(1, (k + 1)[:, None])[:, 0]
+    return (lo + (x - k) * (hi - lo)).sum()

@@ -81,8 +81,8 @@ class _Net(nn.Module):
         return self.l3(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("measured", [False, True])
-def test_hessian_plan_respects_fixed_layers_and_every_budget(measured):
+@pytest.mark.parametrize("measured, tie", [(False, False), (True, False), (True, True)])
+def test_hessian_plan_respects_fixed_layers_and_every_budget(measured, tie):
     torch.manual_seed(0)
     model = _Net()
     table = profile(model, (1, 1, 4, 4))
@@ -94,11 +94,13 @@ def test_hessian_plan_respects_fixed_layers_and_every_budget(measured):
     budget = bitops(table, [8, 3, 3, 8], [8, 3, 3, 8])
     x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
     (w, a), sens = hessian_bits(model, table, table.names, space, w0, w0, [(bitops, budget)], [(x, y)],
-                                quantizer="dorefa", samples=4, measured=measured)
+                                quantizer="dorefa", samples=4, measured=measured, tie=tie)
     assert (w[0], a[0], w[-1], a[-1]) == (8, 8, 8, 8)
     assert all(2 <= b <= 6 for b in w[1:-1] + a[1:-1])
     assert bitops(table, w, a) <= budget
     assert set(sens.weight) == set(table.names)
+    if tie:
+        assert w[1:-1] == a[1:-1]
 
 
 def test_a_choice_over_the_budget_by_a_rounding_error_is_not_returned():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hwsearch.quant import WRPN, DoReFa, _PactQuant, mse_clip
-from hwsearch.sinareq import regularizer, strength
+from hwsearch.sinareq import accuracy_cost, regularizer, strength
 
 
 def _dorefa_weights_at(u: torch.Tensor, m: float = math.tanh(1.0)) -> torch.Tensor:
@@ -139,3 +139,15 @@ def test_layer_calibration_uses_the_layers_starting_bits():
         alphas[bits] = float(layer.a_alpha.detach())
         assert layer._signed and alphas[bits] == pytest.approx(float(mse_clip(x, bits, True)))
     assert alphas[2] < alphas[8] < 100.0
+
+
+def test_accuracy_cost_is_the_measured_table_linear_between_bitwidths():
+    # two layers, bitwidths 2..5; the second row is a layer left out (zeros)
+    omega = torch.tensor([[0.8, 0.2, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    for b, want, slope in ((2.0, 0.8, -0.6), (2.25, 0.65, -0.6), (3.5, 0.125, -0.15), (4.9, 0.005, -0.05),
+                           (5.0, 0.0, -0.05)):
+        bits = torch.tensor([b, 3.3], requires_grad=True)
+        value = accuracy_cost(bits, omega, b_min=2)
+        value.backward()
+        assert float(value.detach()) == pytest.approx(want)
+        assert float(bits.grad[0]) == pytest.approx(slope) and float(bits.grad[1]) == 0.0
