@@ -166,6 +166,36 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
     return "\n".join(lines), losses
 
 
+def weights_vs_inputs_section(path: Path) -> str:
+    """Uniform plans that trade weight bits for input bits (bench/weights_vs_inputs.py), each against the
+    uniform curve of the decisive table at its BitOps (log-BitOps interpolation, same seed)."""
+    import math
+
+    doc = json.loads(path.read_text())
+    table = path.parent.parent / "cpu-v2" / "learned_vs_uniform.json"
+    uniform: dict[int, list[tuple[float, float]]] = {}
+    if table.exists():
+        for r in json.loads(table.read_text())["rows"]:
+            if r["allocator"] == "uniform":
+                uniform.setdefault(r["seed"], []).append((r["bitops"], 100 * r["top1"]))
+
+    def curve(cost: float, seed: int) -> float:
+        pts = sorted(uniform.get(seed, []))
+        for (c0, t0), (c1, t1) in zip(pts, pts[1:]):
+            if c0 <= cost <= c1:
+                return t0 + math.log(cost / c0) / math.log(c1 / c0) * (t1 - t0)
+        return float("nan")
+
+    rows = [{"plan": r["plan"], "seed": r["seed"], "BitOps": f"{r['plan_bitops'] / 1e6:.1f} M",
+             "top-1 %": f"{100 * r['top1']:.2f}", "uniform curve %": f"{curve(r['plan_bitops'], r['seed']):.2f}",
+             "Δ": f"{100 * r['top1'] - curve(r['plan_bitops'], r['seed']):+.2f}"} for r in doc["rows"]]
+    return "\n".join([f"## Weight bits against input bits at equal BitOps (`{path.parent.name}/{path.name}`)", "",
+                      f"`{doc['preset']['command']}` (code {doc['preset']['code']}): uniform plans that trade one for "
+                      "the other, trained like the decisive table's uniform plans (same preset and FP32 checkpoint); "
+                      "the uniform curve is that table's (`cpu-v2`) interpolated in log-BitOps, same seed.", "",
+                      pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""])
+
+
 def _bits_of_budget(r) -> int:
     return int(r.key.split("-w")[1].split("a")[0])
 
@@ -267,6 +297,19 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
         text, lost = learned_vs_uniform_section(p)
         parts += [text]
         losses += lost
+    for p in sorted(res.glob("weights_vs_inputs.json")):
+        parts += [weights_vs_inputs_section(p)]
+    contended = sorted((res / "step_time_contended").glob("contended_k*.json")) if (res / "step_time_contended").is_dir() else []
+    if contended:
+        rows = []
+        for p in contended:
+            s = json.loads(p.read_text())
+            rows.append({"file": p.name, "CPU kernel": "fused" if "_k1_" in p.name else "ATen",
+                         "FP32 ms/step": s["ms_per_step"]["fp32"], "uniform QAT ms/step": s["ms_per_step"]["qat"]})
+        parts += ["## Training-step time with two processes on the same cores", "",
+                  "`bash bench/step_time_contended.sh`: two `bench/step_time.py --modes qat,fp32 --steps 10 --repeats 3`"
+                  " at once, with the fused CPU kernel and with the ATen path (`HWSEARCH_CPU_KERNELS=0`).", "",
+                  _md(pd.DataFrame(rows)), ""]
     for p in sorted(res.glob("low_bits_*.jsonl")):
         runs = pd.read_json(p, lines=True)
         runs["run"] = runs["lambda_w"].map(lambda v: "uniform QAT" if v == "uniform" else f"learned, λ_w = {v}")
