@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-from common import code_version
+from common import code_version, write_json
 
 DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
 PRESETS = {
@@ -98,9 +98,7 @@ def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None =
               "seconds": time.time() - t0,
               "bits": [[layer["name"], layer["weight_bits"], layer["act_bits"]] for layer in result.plan["layers"]]}
     path = out / f"{job['key']}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_json(path, record)
     return record
 
 
@@ -131,9 +129,7 @@ def write_table(out: Path, table_path: Path, preset_name: str, preset: dict, dat
                       "command": f"python bench/learned_vs_uniform.py --preset {preset_name}",
                       "code": code_version()},
            "rows": table_rows(records)}
-    tmp = table_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, table_path)
+    write_json(table_path, doc)
     return doc
 
 

@@ -21,7 +21,7 @@ import os
 import time
 from pathlib import Path
 
-from common import code_version
+from common import code_version, write_json
 from learned_vs_uniform import DATA, PRESETS
 
 PAIRS = [(2, 4), (4, 2), (3, 5), (5, 3)]
@@ -43,9 +43,7 @@ def run_pair(w: int, a: int, seed: int, preset: dict, data: str, out: Path, thre
               "plan_bitops": result.plan["totals"]["bitops"], "fp32_top1": result.metrics["fp32_top1"],
               "seconds": time.time() - t0}
     path = out / f"{key}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_json(path, record)
     return record
 
 
@@ -79,7 +77,7 @@ def main() -> int:
     doc = {"preset": {"name": args.preset, **preset["run"], "dataset": args.data, "code": code_version(),
                       "command": f"python bench/weights_vs_inputs.py --seeds {args.seeds} --out {args.out}"},
            "rows": rows}
-    (out / "weights_vs_inputs.json").write_text(json.dumps(doc, indent=1))
+    write_json(out / "weights_vs_inputs.json", doc)
     for r in rows:
         print(f"{r['plan']:6s} seed {r['seed']}  top-1 {100 * r['top1']:.2f}  BitOps {r['plan_bitops']:.4g}")
     return 0
