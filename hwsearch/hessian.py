@@ -97,11 +97,8 @@ class Sensitivity:
 
 
 @torch.no_grad()
-def _errors(model: nn.Module, names: Sequence[str], x: torch.Tensor, quantizer: WeightQuantizer,
-            bits: Sequence[int]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]], dict[str, int]]:
-    """Squared quantization error of each module's weight (``quantizer`` at its starting scale) and of its
-    input on batch ``x`` (PACT at the least-squared-error clip for that bitwidth), at each of ``bits``;
-    and the number of elements of each input."""
+def _layer_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input tensor of each named module on batch ``x`` (one forward pass in eval mode)."""
     modules = dict(model.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach()))
@@ -114,6 +111,17 @@ def _errors(model: nn.Module, names: Sequence[str], x: torch.Tensor, quantizer: 
         model.train(was)
         for h in handles:
             h.remove()
+    return inputs
+
+
+@torch.no_grad()
+def _errors(model: nn.Module, names: Sequence[str], x: torch.Tensor, quantizer: WeightQuantizer,
+            bits: Sequence[int]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]], dict[str, int]]:
+    """Squared quantization error of each module's weight (``quantizer`` at its starting scale) and of its
+    input on batch ``x`` (PACT at the least-squared-error clip for that bitwidth), at each of ``bits``;
+    and the number of elements of each input."""
+    modules = dict(model.named_modules())
+    inputs = _layer_inputs(model, names, x)
     ew: dict[str, dict[int, float]] = {}
     ea: dict[str, dict[int, float]] = {}
     for n in names:
@@ -224,14 +232,7 @@ def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequen
         total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
         return float(total) / sum(len(y) for _, y in batches)
 
-    first: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: first.setdefault(n, args[0].detach()))
-               for n in names]
-    try:
-        model(batches[0][0])
-    finally:
-        for h in handles:
-            h.remove()
+    first = _layer_inputs(model, names, batches[0][0])
     weight: dict[str, dict[int, float]] = {}
     act: dict[str, dict[int, float]] = {}
     try:

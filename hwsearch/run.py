@@ -106,6 +106,11 @@ def _train_batches(prep: Prepared, count: int) -> list[tuple[torch.Tensor, torch
     return batches
 
 
+def _measured_record(sens) -> dict:
+    """A measured sensitivity as metrics.json keeps it: per layer, loss increase by bitwidth."""
+    return {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
+
+
 def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | None = None) -> dict:
     """Choose the plan's integer bits with ``prep.config.allocator`` (uniform bits in fixed-bit mode).
 
@@ -126,7 +131,7 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
                                     budgets, batches, quantizer=cfg.quantizer, samples=cfg.hessian_samples,
                                     seed=cfg.seed, measured=measured, tie=cfg.tie_bits)
         if measured:
-            out["measured_loss_increase"] = {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
+            out["measured_loss_increase"] = _measured_record(sens)
         else:
             out["hessian_trace"] = {n: {"weights": sens.weight_trace[n], "inputs": sens.act_trace[n]}
                                     for n in sens.names}
@@ -134,7 +139,7 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
         omega = None
         if cfg.lambda_s > 0:  # the measured accuracy cost of bits, on the FP32 checkpoint
             omega, sens = measure_omega(prep, _train_batches(prep, cfg.measured_batches))
-            out["measured_loss_increase"] = {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
+            out["measured_loss_increase"] = _measured_record(sens)
         layers = quantize_prepared(prep, prep.w_init, prep.a_init, freeze=False)
         calibrate(prep.model, prep.data, cfg.batch_size)
         w, a = learn_bits(prep, layers, epochs=cfg.learning_epochs, progress=progress, history=history, omega=omega)
