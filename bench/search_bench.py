@@ -5,7 +5,7 @@
         --trials 8 --workers 2 --epochs 6 --fp32-epochs 20 --batch-size 256 --lr-fp32 0.2 --lr 0.04  # GPU
 
 With --workers N, N worker processes share one SQLite study (the distributed path on one
-machine). Prints wall time, trials/hour, both hypervolumes (same reference point: top-1 0 and
+machine), each with cores/N threads (OMP_NUM_THREADS, unless set). Prints wall time, trials/hour, both hypervolumes (same reference point: top-1 0 and
 the uniform W8A8 cost; same epochs per point) and their ratio; writes search_bench_<name>.json.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,9 +33,13 @@ def main() -> int:
     cmd = [sys.executable, "-m", "hwsearch", "search", "--model", args.model, "--dataset", args.dataset,
            "--trials", str(args.trials), "--out", str(out), "--quiet", "--heartbeat", "5", "--grace", "60",
            *passthrough]
+    # Each worker gets its share of the cores: at torch's default (all cores each), N workers
+    # oversubscribe the CPU and every step runs several times slower (bench/step_time_contended.sh).
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     t0 = time.time()
     # Workers share the study in out/study.db; whichever claims the lock first computes the baselines.
-    procs = [subprocess.Popen(cmd) for _ in range(args.workers)]
+    procs = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
     # A SIGTERM to this script (kill, pkill) ends its workers too: left running, an orphaned worker
     # keeps training on its study and skews the next measurement's wall time.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -10,15 +10,20 @@ from .cli_args import add_run_arguments, config_from_args, positive_int
 from .units import format_si, slug
 
 
-def _bits_list(text: str) -> tuple[int, ...]:
+def _bits_list(text: str) -> tuple[float, ...]:
     import argparse
+    import math
 
     if text.strip().lower() in ("", "none"):
         return ()
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        bits = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, or 'none', got {text!r}") from None
+        bits = (math.nan,)
+    if not all(math.isfinite(b) for b in bits):
+        raise argparse.ArgumentTypeError(f"expected bitwidths separated by commas (e.g. 2.5,3,4), or 'none', "
+                                         f"got {text!r}") from None
+    return tuple(int(b) if b == int(b) else b for b in bits)
 
 
 def _cmd_search(args) -> int:
@@ -121,9 +126,10 @@ def add_commands(sub) -> None:
     p.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between a trial's heartbeats")
     p.add_argument("--grace", type=positive_int, default=30, help="seconds after which a silent trial is retried")
     p.add_argument("--no-baselines", action="store_true", help="skip the uniform W/A 2,3,4,8 baselines")
-    p.add_argument("--anchor-bits", type=_bits_list, default=(3, 4), metavar="B,B",
-                   help="the first trials aim at the cost of uniform W<B>A<B> with the base strengths "
-                        "(default 3,4; 'none': every trial sampled)")
+    p.add_argument("--anchor-bits", type=_bits_list, default=(2.5, 3, 4), metavar="B,B",
+                   help="the first trials aim at the cost of uniform W<B>A<B> with the base strengths; a "
+                        "fractional B aims between two uniform costs (2.5: geometric mean of W2A2's and "
+                        "W3A3's) (default 2.5,3,4; 'none': every trial sampled)")
     p.set_defaults(handler=_cmd_search)
 
     p = sub.add_parser("pareto", help="Pareto front, hypervolume and plots from a stored study")

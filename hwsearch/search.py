@@ -54,7 +54,7 @@ class SearchConfig:
     heartbeat_s: int = 10                            # seconds between a running trial's heartbeats
     grace_s: int = 30                                # a trial silent this long is stale: failed, retried
     baselines: bool = True                           # compute uniform W/A 2,3,4,8 once per study
-    anchor_bits: tuple[int, ...] = (3, 4)            # first trials aim at these uniform bitwidths' costs
+    anchor_bits: tuple[float, ...] = (2.5, 3, 4)     # first trials aim at these (uniform) bitwidths' costs
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -270,13 +270,29 @@ def _trial_config(trial, config: SearchConfig, prep) -> RunConfig:
     return replace(config.base, **fields)
 
 
-def _enqueue_anchors(study, config: SearchConfig, prep) -> None:
-    """Queue, once per study, a trial at the cost of each uniform bitwidth in ``config.anchor_bits``
-    with the base strengths (clipped to the sampled ranges).
+def anchor_cost(bits: float, model, prep) -> float:
+    """The cost of uniform W<bits>A<bits> (free layers; fixed ones as they are). Between whole bitwidths,
+    where no uniform plan exists, the uniform costs interpolated geometrically: 2.5 is the geometric mean
+    of the W2A2 and W3A3 costs (the issue's intermediate budgets, W2.5A2.5)."""
+    import math
 
-    Random start-up trials rarely land at the cheap end, where the uniform curve holds most of its area.
-    An anchored trial is a learned plan at the budget of uniform W<b>A<b>; the sampler takes over
-    after them.
+    def cost(b: int) -> float:
+        return model(prep.table, *prep.space.fill(prep.w_init, prep.a_init, b))
+
+    lo, t = math.floor(bits), bits - math.floor(bits)
+    if t == 0:
+        return cost(lo)
+    return math.exp((1 - t) * math.log(cost(lo)) + t * math.log(cost(lo + 1)))
+
+
+def _enqueue_anchors(study, config: SearchConfig, prep) -> None:
+    """Queue, once per study, a trial at the cost of each bitwidth in ``config.anchor_bits`` (uniform
+    W<b>A<b>, or between two of them for a fractional b: see ``anchor_cost``) with the base strengths
+    (clipped to the sampled ranges).
+
+    Random start-up trials rarely land at the cheap end, where the uniform curve holds most of its area;
+    between W2A2 and W3A3, where some layers must stay at 2 bits, is where choosing them pays most.
+    The sampler takes over after the anchors.
     """
     lowest, highest = cost_range(config, prep)
     model = get_cost_model(config.objectives[0])
@@ -287,12 +303,12 @@ def _enqueue_anchors(study, config: SearchConfig, prep) -> None:
             return
         queued = []
         for bits in config.anchor_bits[: config.trials]:
-            fraction = model(prep.table, *prep.space.fill(prep.w_init, prep.a_init, bits)) / highest * (1 + 1e-9)
+            fraction = anchor_cost(bits, model, prep) / highest * (1 + 1e-9)
             if not lowest / highest <= fraction <= 1.0:
                 continue
             params = {**strengths, "target_fraction": fraction}
             if not config.learn_act_bits:
-                params["act_bits"] = bits
+                params["act_bits"] = int(bits)  # a fractional anchor: its weights take the rest
             study.enqueue_trial(params, user_attrs={"anchor_bits": bits})
             queued.append(bits)
         study.set_user_attr("anchors_queued", queued)

@@ -44,7 +44,7 @@ def _complete(storage: str, study: str) -> list:
 def tiny_search(tmp_path_factory):
     os.environ["HWSEARCH_CACHE"] = str(tmp_path_factory.getbasetemp() / "cache")
     out = tmp_path_factory.mktemp("search") / "s"
-    result = search(tiny_config(trials=3), out=out)
+    result = search(tiny_config(trials=3, anchor_bits=(2.5, 3)), out=out)
     return out, result
 
 
@@ -69,8 +69,8 @@ def test_sqlite_search_finishes_the_requested_trials_with_plans(tiny_search):
 
 
 def test_first_trials_are_anchored_at_the_uniform_costs(tiny_search):
-    """Trials 0 and 1 aim at the BitOps of uniform W3A3 and W4A4 with the base strengths; their plans
-    meet those budgets; trial 2 is sampled."""
+    """Trials 0 and 1 aim at the BitOps between uniform W2A2 and W3A3 (their geometric mean) and at
+    uniform W3A3's, with the base strengths; their plans meet those budgets; trial 2 is sampled."""
     from hwsearch.run import prepare
 
     out, _ = tiny_search
@@ -78,12 +78,20 @@ def test_first_trials_are_anchored_at_the_uniform_costs(tiny_search):
     prep = prepare(config.base)
     bitops = get_cost_model("bitops")
     trials = sorted(_complete(f"sqlite:///{out / 'study.db'}", "hwsearch"), key=lambda t: t.number)
-    assert [t.user_attrs.get("anchor_bits") for t in trials] == [3, 4, None]
-    for t, bits in zip(trials[:2], (3, 4)):
-        uniform = bitops(prep.table, *prep.space.fill(prep.w_init, prep.a_init, bits))
+    assert [t.user_attrs.get("anchor_bits") for t in trials] == [2.5, 3, None]
+    w2, w3 = (bitops(prep.table, *prep.space.fill(prep.w_init, prep.a_init, b)) for b in (2, 3))
+    for t, target in zip(trials[:2], (np.sqrt(w2 * w3), w3)):
         assert t.params["lambda_w"] == config.base.lambda_w and t.params["lambda_c"] == config.base.lambda_c
-        assert t.user_attrs["budget"]["bitops"] == pytest.approx(uniform, rel=1e-6)
-        assert t.values[1] <= uniform * (1 + 1e-6)
+        assert t.user_attrs["budget"]["bitops"] == pytest.approx(target, rel=1e-6)
+        assert t.values[1] <= target * (1 + 1e-6)
+
+
+def test_anchor_bits_flag_takes_fractions_and_refuses_words(capsys):
+    from hwsearch.cli_search import _bits_list
+
+    assert _bits_list("2.5,3,4") == (2.5, 3, 4) and _bits_list("none") == ()
+    assert main(["search", "--anchor-bits", "2.5,three", "--trials", "1"]) == 2
+    assert "--anchor-bits" in capsys.readouterr().err
 
 
 def test_claim_lock_is_held_on_a_sqlite_study(tiny_search):
