@@ -100,6 +100,11 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
                    help="who chooses the plan: sinareq (learned bits, default), hessian (Hessian-trace "
                         "sensitivity and an exact integer program over the budget) or measured (the same "
                         "program on each layer's measured loss increase)")
+    p.add_argument("--measured-qat-epochs", type=non_negative_int,
+                   help="measured allocator: first train this many epochs at the uniform bits the budget "
+                        "affords and measure each layer's loss change there (default 0: on the FP32 model)")
+    p.add_argument("--tie-bits", action="store_true",
+                   help="one bitwidth per layer for its weights and its input (HAWQ-V3's convention)")
     p.add_argument("--epochs", type=positive_int,
                    help="epochs of training the chosen plan at fixed bits, as a uniform baseline gets "
                         "(default: 30 on digits, 10 otherwise)")
@@ -141,10 +146,11 @@ def config_from_args(args, **overrides):
               "quantizer": args.quantizer, "act_bits": args.act_bits, "b_min": args.b_min, "b_max": args.b_max,
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
               "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
+              "tie_bits": args.tie_bits,
               "epochs": args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 10)}
     fields["allocator"] = args.allocator
     for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lambda_s", "lr", "lr_fp32", "batch_size",
-                 "search_epochs", "plan_lambda_w", "fp32_seed"):
+                 "search_epochs", "plan_lambda_w", "fp32_seed", "measured_qat_epochs"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     fields.update(overrides)

@@ -32,6 +32,8 @@ class RunConfig:
     hessian_batches: int = 2           # hessian allocator: training batches the Hessian traces average over
     hessian_samples: int = 8           # hessian allocator: Hutchinson samples (Hessian-vector products) per batch
     measured_batches: int = 8          # measured allocator: training batches each layer's loss increase is taken on
+    measured_qat_epochs: int = 0       # measured allocator: 0 measures on the FP32 checkpoint; N > 0 first trains
+                                       # N epochs at the uniform bits the budget affords and measures there
     epochs: int = 10                   # epochs of training the plan at fixed bits (as a uniform baseline gets)
     plan_lambda_w: float = 0.0         # regularizer strength while training a chosen plan (0: plain QAT, as uniform)
     freeze_at: float = 0.8             # fraction of steps after which bits are rounded and frozen
@@ -75,6 +77,8 @@ class RunConfig:
                      "hessian_samples", "measured_batches"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.measured_qat_epochs < 0:
+            raise ValueError(f"measured_qat_epochs: must be >= 0, got {self.measured_qat_epochs}")
         for name in ("freeze_at", "reg_start"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")

@@ -30,8 +30,8 @@ from cost_models import CostModel, LayerTable
 from .quant import WeightQuantizer, _PactQuant, mse_clip, weight_quantizers
 from .rounding import BitSpace, InfeasibleBudget, project_to_budgets
 
-__all__ = ["Sensitivity", "hessian_bits", "hutchinson_traces", "measured_sensitivity", "plan_bits", "sensitivity",
-           "solve_bits"]
+__all__ = ["Sensitivity", "hessian_bits", "hutchinson_traces", "measured_sensitivity", "measured_sensitivity_trained",
+           "plan_bits", "sensitivity", "solve_bits"]
 
 
 def hutchinson_traces(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
@@ -270,6 +270,59 @@ def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequen
                 table[n][b] = worst
     nan = dict.fromkeys(names, float("nan"))
     return Sensitivity(tuple(names), tuple(bits), weight, act, nan, dict(nan))
+
+
+@torch.no_grad()
+def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                                 *, bits: Sequence[int]) -> Sensitivity:
+    """Ω of every quantized layer at every bitwidth in ``bits``, measured on a model already trained
+    quantized (at uniform bits b0): the change of the mean cross-entropy over ``batches`` when that
+    layer alone has its weight bitwidth (or, separately, its input's) set to b, every other layer at
+    its trained bits (eval mode, each layer's learned scale and clip kept).
+
+    Unlike ``measured_sensitivity`` (one layer quantized in an otherwise float model), this prices a
+    bit where the plan will live: in a network that has adapted to low bits everywhere. Ω(b0) is 0,
+    fewer bits cost (Ω > 0), more bits may gain (Ω < 0); values are made non-increasing in the
+    bitwidth, so that noise never makes a bit look harmful. A layer whose input is not quantized (the
+    image) gets 0 for its input. Cost: 2 · len(layers) · len(bits) forward passes over ``batches``.
+    """
+    was = model.training
+    model.eval()
+
+    def loss() -> float:
+        total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
+        return float(total) / sum(len(y) for _, y in batches)
+
+    weight: dict[str, dict[int, float]] = {}
+    act: dict[str, dict[int, float]] = {}
+    try:
+        base = loss()
+        for n, m in layers.items():
+            weight[n], act[n] = {}, {}
+            for table, beta, measure in ((weight[n], m.w_beta, True), (act[n], m.a_beta, m.quantize_input)):
+                trained = beta.detach().clone()
+                for b in bits:
+                    if not measure:
+                        table[b] = 0.0
+                        continue
+                    if b < m.quantizer.min_bits and beta is m.w_beta:
+                        table[b] = float("inf")
+                        continue
+                    beta.fill_(float(b))
+                    try:
+                        table[b] = loss() - base
+                    finally:
+                        beta.copy_(trained)
+    finally:
+        model.train(was)
+    for table in (weight, act):
+        for n in table:
+            best = -float("inf")
+            for b in sorted(bits, reverse=True):  # from the most bits down: Ω(b) >= Ω(b + 1)
+                best = max(best, table[n][b])
+                table[n][b] = best
+    nan = dict.fromkeys(layers, float("nan"))
+    return Sensitivity(tuple(layers), tuple(bits), weight, act, nan, dict(nan))
 
 
 def plan_bits(table: LayerTable, space: BitSpace, w_fixed: Sequence[float], a_fixed: Sequence[float],

@@ -106,6 +106,23 @@ def _train_batches(prep: Prepared, count: int) -> list[tuple[torch.Tensor, torch
     return batches
 
 
+def _train_uniform(prep: Prepared, budgets, *, progress: bool = False,
+                   history: list[dict] | None = None) -> tuple[int, dict]:
+    """Quantize ``prep.model`` (the FP32 checkpoint) at the most uniform bits b0 every budget affords
+    (b_min if none does) and train it ``measured_qat_epochs`` epochs at those bits, as a plan trains.
+    Returns b0 and the quantized modules by name (what the measured allocator prices bits on)."""
+    cfg, space = prep.config, prep.space
+    b0 = space.b_min
+    for b in range(space.b_min, space.b_max + 1):
+        if all(model(prep.table, *space.fill(prep.w_init, prep.a_init, b)) <= cap for model, cap in budgets):
+            b0 = b
+    w0, a0 = space.fill(prep.w_init, prep.a_init, b0)
+    layers = train_plan(prep.model, prep.data, prep.table, [int(b) for b in w0], [int(b) for b in a0],
+                        config=replace(cfg, epochs=cfg.measured_qat_epochs), progress=progress, history=history,
+                        desc=f"sensitivity-qat-w{b0}a{b0}")
+    return b0, layers
+
+
 def _measured_record(sens) -> dict:
     """A measured sensitivity as metrics.json keeps it: per layer, loss increase by bitwidth."""
     return {n: {"weights": sens.weight[n], "inputs": sens.act[n]} for n in sens.names}
@@ -122,6 +139,15 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
     out: dict = {}
     if cfg.fixed_bits is not None:
         w, a = project_to_budgets(prep.table, prep.w_init, prep.a_init, prep.space, budgets)
+    elif cfg.allocator == "measured" and cfg.measured_qat_epochs > 0:
+        from .hessian import measured_sensitivity_trained, plan_bits
+
+        b0, layers = _train_uniform(prep, budgets, progress=progress, history=history)
+        sens = measured_sensitivity_trained(prep.model, layers, _train_batches(prep, cfg.measured_batches),
+                                            bits=tuple(range(cfg.b_min, cfg.b_max + 1)))
+        w, a = plan_bits(prep.table, prep.space, prep.w_init, prep.a_init, budgets, sens, tie=cfg.tie_bits)
+        out["measured_loss_increase"] = _measured_record(sens)
+        out["measured_at_uniform_bits"] = b0
     elif cfg.allocator in ("hessian", "measured"):
         from .hessian import hessian_bits
 

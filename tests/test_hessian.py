@@ -160,3 +160,50 @@ def test_measured_sensitivity_is_the_loss_increase_of_one_quantized_layer():
     for table in (sens.weight, sens.act):
         for n in names:
             assert all(table[n][b] >= table[n][b + 1] >= 0 for b in bits[:-1])
+
+
+def test_measured_sensitivity_on_a_trained_model_is_the_loss_change_of_one_layer_moved():
+    """On a quantized model (every layer at 3 bits), Ω_l(b) is the loss change when layer l alone moves
+    to b bits: 0 at the trained bits, computed here by hand, made non-increasing in b; the bits and
+    the training mode are put back; the image input (first layer) is never priced."""
+    from hwsearch.hessian import measured_sensitivity_trained
+    from hwsearch.quant import quant_layers, quantize_model
+
+    torch.manual_seed(0)
+    model = _Net()
+    xs = [torch.randn(32, 1, 4, 4) for _ in range(2)]
+    with torch.no_grad():
+        model.l3.weight.mul_(50)
+        batches = [(x, model(x).argmax(1)) for x in xs]
+    names = ["l0", "l1", "l2", "l3"]
+    quantize_model(model, names, w_bits=dict.fromkeys(names, 3.0), a_bits=dict.fromkeys(names, 3.0), first_layer="l0")
+    layers = quant_layers(model)
+    model(xs[0])  # calibrates every PACT clip
+    bits = (2, 3, 4, 5)
+    sens = measured_sensitivity_trained(model, layers, batches, bits=bits)
+    assert model.training and all(float(m.w_beta.detach()) == float(m.a_beta.detach()) == 3.0 for m in layers.values())
+
+    def loss():
+        with torch.no_grad():
+            model.eval()
+            total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / 64
+            model.train()
+            return float(total)
+
+    base = loss()
+    for n in ("l1", "l2"):
+        for kind, beta in (("weight", layers[n].w_beta), ("act", layers[n].a_beta)):
+            raw = {}
+            for b in bits:
+                with torch.no_grad():
+                    beta.fill_(float(b))
+                raw[b] = loss() - base
+                with torch.no_grad():
+                    beta.fill_(3.0)
+            table = getattr(sens, kind)[n]
+            assert table[3] == pytest.approx(max(raw[3], raw[4], raw[5]), abs=1e-6)
+            for b in bits:
+                assert table[b] == pytest.approx(max(raw[c] for c in bits if c >= b), abs=1e-6)
+            assert raw[3] == pytest.approx(0.0, abs=1e-6)
+    assert sens.act["l0"] == dict.fromkeys(bits, 0.0)
+    assert any(sens.weight[n][2] > 0 for n in names)  # fewer bits than trained cost loss somewhere

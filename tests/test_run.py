@@ -45,17 +45,26 @@ def test_run_searches_then_trains_the_plan(digits_run):
     assert plan["metrics"]["top1"] == metrics["top1"]  # the plan's top-1 is the trained one
 
 
-@pytest.mark.parametrize("allocator, record", [("hessian", "hessian_trace"), ("measured", "measured_loss_increase")])
-def test_ilp_allocators_plan_within_budget_and_apply_reproduces_it(allocator, record, tmp_path, capsys):
+@pytest.mark.parametrize("allocator, record, extra", [
+    ("hessian", "hessian_trace", []),
+    ("measured", "measured_loss_increase", []),
+    # priced on a model first trained at the uniform bits the budget affords, one bitwidth per layer
+    ("measured", "measured_loss_increase", ["--measured-qat-epochs", "1", "--tie-bits"]),
+])
+def test_ilp_allocators_plan_within_budget_and_apply_reproduces_it(allocator, record, extra, tmp_path, capsys):
     out = tmp_path / "h"
     quick = ["--fp32-epochs", "8", "--epochs", "2", "--quiet"]  # the FP32 checkpoint digits_run cached
-    assert main(["run", "--allocator", allocator, "--budget-bitops", "20M", "--out", str(out), *quick]) == 0
+    assert main(["run", "--allocator", allocator, "--budget-bitops", "20M", "--out", str(out), *quick, *extra]) == 0
     plan = load_plan(out / "plan.json")
     metrics = json.loads((out / "metrics.json").read_text())
     assert plan["totals"]["bitops"] <= 20e6 and metrics["allocator"] == allocator
     assert "search_top1" not in metrics and len(metrics["allocation"][record]) == 20
     bits = {(layer["weight_bits"], layer["act_bits"]) for layer in plan["layers"][1:-1]}
     assert len(bits) > 1  # a mixed plan, not uniform bits
+    if extra:
+        assert all(w == a for w, a in bits)
+        b0 = metrics["allocation"]["measured_at_uniform_bits"]
+        assert 2 <= b0 <= 8 and "sensitivity-qat" in (out / "history.csv").read_text()
     capsys.readouterr()
     assert main(["apply", str(out / "plan.json"), "--out", str(tmp_path / "v"), "--quiet"]) == 0
     assert json.loads((tmp_path / "v" / "verify.json").read_text())["top1"] == pytest.approx(
