@@ -281,10 +281,13 @@ def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequen
     its trained bits (eval mode, each layer's learned scale and clip kept).
 
     Unlike ``measured_sensitivity`` (one layer quantized in an otherwise float model), this prices a
-    bit where the plan will live: in a network that has adapted to low bits everywhere. Ω(b0) is 0,
-    fewer bits cost (Ω > 0), more bits may gain (Ω < 0); values are made non-increasing in the
-    bitwidth, so that noise never makes a bit look harmful. A layer whose input is not quantized (the
-    image) gets 0 for its input. Cost: 2 · len(layers) · len(bits) forward passes over ``batches``.
+    bit where the plan will live: in a network that has adapted to low bits everywhere. Ω(b0) is 0
+    (b0: the layer's trained bits), fewer bits cost (Ω ≥ 0, running maximum from b0 down), more bits
+    gain or nothing (Ω ≤ 0, running minimum from b0 up). Without re-training, more bits can read as
+    harm: weights trained on one grid, moved to a finer one that does not contain it (DoReFa's
+    2^b − 1 levels are not nested), shift the layer's output; that reads as no gain, as a bit more
+    never costs accuracy once trained. A layer whose input is not quantized (the image) gets 0 for
+    its input. Cost: 2 · len(layers) · len(bits) forward passes over ``batches``.
     """
     was = model.training
     model.eval()
@@ -315,12 +318,21 @@ def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequen
                         beta.copy_(trained)
     finally:
         model.train(was)
-    for table in (weight, act):
+    for table, betas in ((weight, {n: m.w_beta for n, m in layers.items()}),
+                         (act, {n: m.a_beta for n, m in layers.items()})):
         for n in table:
-            best = -float("inf")
-            for b in sorted(bits, reverse=True):  # from the most bits down: Ω(b) >= Ω(b + 1)
-                best = max(best, table[n][b])
-                table[n][b] = best
+            b0 = float(betas[n].detach())
+            worst = best = 0.0
+            for b in sorted(bits, reverse=True):  # below b0, from b0 down: a cost, Ω(b) >= Ω(b + 1) >= 0
+                if b < b0:
+                    worst = max(worst, table[n][b])
+                    table[n][b] = worst
+            for b in sorted(bits):  # above b0, from b0 up: a gain, 0 >= Ω(b) >= Ω(b + 1)
+                if b > b0:
+                    best = min(best, table[n][b])
+                    table[n][b] = best
+                elif b == b0:
+                    table[n][b] = 0.0
     nan = dict.fromkeys(layers, float("nan"))
     return Sensitivity(tuple(layers), tuple(bits), weight, act, nan, dict(nan))
 

@@ -164,8 +164,9 @@ def test_measured_sensitivity_is_the_loss_increase_of_one_quantized_layer():
 
 def test_measured_sensitivity_on_a_trained_model_is_the_loss_change_of_one_layer_moved():
     """On a quantized model (every layer at 3 bits), Ω_l(b) is the loss change when layer l alone moves
-    to b bits: 0 at the trained bits, computed here by hand, made non-increasing in b; the bits and
-    the training mode are put back; the image input (first layer) is never priced."""
+    to b bits, computed here by hand: 0 at the trained bits, a cost (≥ 0) below them and a gain (≤ 0)
+    above, non-increasing in b; the bits and the training mode are put back; the image input (first
+    layer) is never priced."""
     from hwsearch.hessian import measured_sensitivity_trained
     from hwsearch.quant import quant_layers, quantize_model
 
@@ -201,9 +202,9 @@ def test_measured_sensitivity_on_a_trained_model_is_the_loss_change_of_one_layer
                 with torch.no_grad():
                     beta.fill_(3.0)
             table = getattr(sens, kind)[n]
-            assert table[3] == pytest.approx(max(raw[3], raw[4], raw[5]), abs=1e-6)
-            for b in bits:
-                assert table[b] == pytest.approx(max(raw[c] for c in bits if c >= b), abs=1e-6)
-            assert raw[3] == pytest.approx(0.0, abs=1e-6)
+            assert raw[3] == pytest.approx(0.0, abs=1e-6) and table[3] == 0.0
+            assert table[2] == pytest.approx(max(raw[2], 0.0), abs=1e-6)  # fewer bits: a cost, never a gain
+            for b in (4, 5):  # more bits: a gain (running minimum from b0 up), never a cost
+                assert table[b] == pytest.approx(min(0.0, *(raw[c] for c in range(4, b + 1))), abs=1e-6)
     assert sens.act["l0"] == dict.fromkeys(bits, 0.0)
     assert any(sens.weight[n][2] > 0 for n in names)  # fewer bits than trained cost loss somewhere
