@@ -399,7 +399,10 @@ def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress
                 return
             time.sleep(config.heartbeat_s)  # others are computing the rest
             continue
-        cfg = replace(config.base, fixed_bits=chosen, budgets={}, lambda_w=0.0)
+        # First/last at the run's fixed bits; with first_last_bits=0 (the allocator prices them) the
+        # baselines keep the usual 8, so that they stay the uniform plans users compare against.
+        cfg = replace(config.base, fixed_bits=chosen, budgets={}, lambda_w=0.0,
+                      first_last_bits=config.base.first_last_bits or 8)
         key = f"baseline_claim_w{chosen}"
         with _Beat(lambda k=key: study.set_user_attr(k, time.time()), config.heartbeat_s):
             res = run(cfg, out=(out / "baselines" / f"w{chosen}a{chosen}") if out else None, progress=progress)

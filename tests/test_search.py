@@ -387,3 +387,24 @@ def test_uniform_curve_is_interpolated_in_log_cost():
     got = uniform_at(baselines, ["top1", "bitops"], [10.0, 100.0, 1000.0, 5.0, 2000.0])
     assert got[:3] == pytest.approx([0.5, 0.6, 0.7])
     assert np.isnan(got[3]) and np.isnan(got[4])  # outside the uniform points (FP32 is not one)
+
+
+def test_baselines_keep_first_and_last_at_8_bits_when_the_search_prices_them(tmp_path):
+    """With first_last_bits=0 the trials may choose the first and last layers' bits, but the uniform
+    baselines stay the usual plans (first/last at 8), the ones users compare against."""
+    from dataclasses import replace
+
+    from hwsearch.costs import uniform_bits
+    from hwsearch.pareto import baselines_frame
+    from hwsearch.run import prepare
+
+    config = tiny_config(trials=1, anchor_bits=(2,))
+    config = replace(config, base=replace(config.base, first_last_bits=0))
+    result = search(config, out=tmp_path / "s")
+    table = prepare(config.base).table
+    bitops = get_cost_model("bitops")
+    got = baselines_frame(result.study).set_index("label")["bitops"]
+    for b in (2, 3, 4):
+        assert got[f"W{b}A{b}"] == pytest.approx(bitops(table, *uniform_bits(table, b, b)))
+    trial = _complete(f"sqlite:///{tmp_path / 's' / 'study.db'}", "hwsearch")[0]
+    assert trial.values[1] < got["W2A2"]  # the all-2-bit anchor, ends included, costs less than W2A2
