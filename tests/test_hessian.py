@@ -68,6 +68,15 @@ def test_hutchinson_matches_the_exact_trace_of_a_quadratic():
     assert ta["1"] > 0
 
 
+def _eval_loss(model, batches) -> float:
+    """Mean cross-entropy over the batches in eval mode (the model is left in training mode)."""
+    with torch.no_grad():
+        model.eval()
+        total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
+        model.train()
+        return float(total) / sum(len(y) for _, y in batches)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -128,11 +137,7 @@ def test_measured_sensitivity_is_the_loss_increase_of_one_quantized_layer():
     assert model.training  # restored
 
     def loss():
-        with torch.no_grad():
-            model.eval()
-            total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / 64
-            model.train()
-            return float(total)
+        return _eval_loss(model, batches)
 
     base, q = loss(), weight_quantizers.get("dorefa")
     # the raw increases, computed here by hand; the sensitivity is their running max from high bits down
@@ -185,11 +190,7 @@ def test_measured_sensitivity_on_a_trained_model_is_the_loss_change_of_one_layer
     assert model.training and all(float(m.w_beta.detach()) == float(m.a_beta.detach()) == 3.0 for m in layers.values())
 
     def loss():
-        with torch.no_grad():
-            model.eval()
-            total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches) / 64
-            model.train()
-            return float(total)
+        return _eval_loss(model, batches)
 
     base = loss()
     for n in ("l1", "l2"):
