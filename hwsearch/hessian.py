@@ -209,6 +209,12 @@ def solve_bits(options: Sequence[Sequence[tuple[int, int]]], objective: Sequence
     raise InfeasibleBudget("the integer program kept returning choices just over a budget")
 
 
+def _mean_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean cross-entropy of ``model`` (as it is set now) over every sample of ``batches``."""
+    total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
+    return float(total) / sum(len(y) for _, y in batches)
+
+
 @torch.no_grad()
 def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                          *, quantizer: str | WeightQuantizer, bits: Sequence[int]) -> Sensitivity:
@@ -229,8 +235,7 @@ def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequen
     model.eval()
 
     def loss() -> float:
-        total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
-        return float(total) / sum(len(y) for _, y in batches)
+        return _mean_loss(model, batches)
 
     first = _layer_inputs(model, names, batches[0][0])
     weight: dict[str, dict[int, float]] = {}
@@ -293,8 +298,7 @@ def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequen
     model.eval()
 
     def loss() -> float:
-        total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
-        return float(total) / sum(len(y) for _, y in batches)
+        return _mean_loss(model, batches)
 
     weight: dict[str, dict[int, float]] = {}
     act: dict[str, dict[int, float]] = {}
@@ -307,32 +311,28 @@ def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequen
                 for b in bits:
                     if not measure:
                         table[b] = 0.0
-                        continue
-                    if b < m.quantizer.min_bits and beta is m.w_beta:
+                    elif b < m.quantizer.min_bits and beta is m.w_beta:
                         table[b] = float("inf")
-                        continue
-                    beta.fill_(float(b))
-                    try:
-                        table[b] = loss() - base
-                    finally:
-                        beta.copy_(trained)
+                    else:
+                        beta.fill_(float(b))
+                        try:
+                            table[b] = loss() - base
+                        finally:
+                            beta.copy_(trained)
+                b0 = float(trained)
+                # Below b0, from b0 down: a cost, Ω(b) >= Ω(b + 1) >= 0; above it, from b0 up: a gain,
+                # 0 >= Ω(b) >= Ω(b + 1); Ω(b0) = 0.
+                worst = best = 0.0
+                for b in sorted(bits, reverse=True):
+                    if b < b0:
+                        worst = table[b] = max(worst, table[b])
+                for b in sorted(bits):
+                    if b > b0:
+                        best = table[b] = min(best, table[b])
+                    elif b == b0:
+                        table[b] = 0.0
     finally:
         model.train(was)
-    for table, betas in ((weight, {n: m.w_beta for n, m in layers.items()}),
-                         (act, {n: m.a_beta for n, m in layers.items()})):
-        for n in table:
-            b0 = float(betas[n].detach())
-            worst = best = 0.0
-            for b in sorted(bits, reverse=True):  # below b0, from b0 down: a cost, Ω(b) >= Ω(b + 1) >= 0
-                if b < b0:
-                    worst = max(worst, table[n][b])
-                    table[n][b] = worst
-            for b in sorted(bits):  # above b0, from b0 up: a gain, 0 >= Ω(b) >= Ω(b + 1)
-                if b > b0:
-                    best = min(best, table[n][b])
-                    table[n][b] = best
-                elif b == b0:
-                    table[n][b] = 0.0
     nan = dict.fromkeys(layers, float("nan"))
     return Sensitivity(tuple(layers), tuple(bits), weight, act, nan, dict(nan))
 
