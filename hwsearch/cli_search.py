@@ -126,10 +126,10 @@ def add_commands(sub) -> None:
     p.add_argument("--heartbeat", type=positive_int, default=10, help="seconds between a trial's heartbeats")
     p.add_argument("--grace", type=positive_int, default=30, help="seconds after which a silent trial is retried")
     p.add_argument("--no-baselines", action="store_true", help="skip the uniform W/A 2,3,4,8 baselines")
-    p.add_argument("--anchor-bits", type=_bits_list, default=(2.5, 3, 4), metavar="B,B",
+    p.add_argument("--anchor-bits", type=_bits_list, default=(2, 2.5, 3, 4), metavar="B,B",
                    help="the first trials aim at the cost of uniform W<B>A<B> with the base strengths; a "
                         "fractional B aims between two uniform costs (2.5: geometric mean of W2A2's and "
-                        "W3A3's) (default 2.5,3,4; 'none': every trial sampled)")
+                        "W3A3's) (default 2,2.5,3,4; 'none': every trial sampled)")
     p.set_defaults(handler=_cmd_search)
 
     p = sub.add_parser("pareto", help="Pareto front, hypervolume and plots from a stored study")

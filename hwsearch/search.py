@@ -54,7 +54,7 @@ class SearchConfig:
     heartbeat_s: int = 10                            # seconds between a running trial's heartbeats
     grace_s: int = 30                                # a trial silent this long is stale: failed, retried
     baselines: bool = True                           # compute uniform W/A 2,3,4,8 once per study
-    anchor_bits: tuple[float, ...] = (2.5, 3, 4)     # first trials aim at these (uniform) bitwidths' costs
+    anchor_bits: tuple[float, ...] = (2, 2.5, 3, 4)  # first trials aim at these (uniform) bitwidths' costs
 
     def __post_init__(self) -> None:
         if self.trials < 1:

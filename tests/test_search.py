@@ -92,6 +92,11 @@ def test_anchor_bits_flag_takes_fractions_and_refuses_words(capsys):
     assert _bits_list("2.5,3,4") == (2.5, 3, 4) and _bits_list("none") == ()
     assert main(["search", "--anchor-bits", "2.5,three", "--trials", "1"]) == 2
     assert "--anchor-bits" in capsys.readouterr().err
+    from hwsearch.cli import build_parser
+
+    # the command line's default is the Python API's: the cheapest uniform cost is anchored too
+    default = build_parser().parse_args(["search"]).anchor_bits
+    assert default == SearchConfig.__dataclass_fields__["anchor_bits"].default == (2, 2.5, 3, 4)
 
 
 def test_claim_lock_is_held_on_a_sqlite_study(tiny_search):
