@@ -21,7 +21,7 @@ from .costs import FLOAT_BITS
 from .data import TensorData, load_dataset
 from .fused import stack_scalars
 from .models import create_model
-from .quant import quant_layers, quantize_model
+from .quant import quant_layers, quantize_model, take_penalties
 from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
 from .sinareq import accuracy_cost, bit_pressure, budget_penalty, strength
 from .train import StepHook, fit, resolve_device
@@ -222,6 +222,8 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         m.reg_enabled = cfg.lambda_w > 0
     state: dict = {"frozen": False, "bits": None}
     primary = budgets[0] if budgets else None
+    if prep.float_bits is None:  # made here, not on the first step (a compiled step would compile twice)
+        prep.float_bits = torch.tensor(float(FLOAT_BITS), device=prep.device)
 
     def bit_terms(frozen: bool):
         """The logged bit values and, until the freeze, the learned bits' loss terms (bit pressure, and
@@ -243,7 +245,9 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         return pressure, over, acc, logs
 
     def project():
-        """Clamp the learned bits to [b_min, b_max] and lower them onto the budgets (in place)."""
+        """Clamp the learned bits to [b_min, b_max] and lower them onto the budgets (in place), until the freeze."""
+        if state["frozen"]:
+            return
         with torch.no_grad():
             torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
             torch._foreach_clamp_max_(free_betas, float(cfg.b_max))
@@ -257,13 +261,10 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
                 torch._foreach_add_(free_betas, t.float(), alpha=-1.0)
                 torch._foreach_clamp_min_(free_betas, float(cfg.b_min))
 
-    if cfg.compile:  # each a single graph (tests/test_fused.py checks with torch._dynamo.explain)
-        bit_terms, project = torch.compile(bit_terms, fullgraph=True), torch.compile(project, fullgraph=True)
-
     def loss(step: int, total: int):
         s = strength(step, total, start=cfg.reg_start, width=cfg.reg_width)
-        reg = stack_scalars([m.reg_value for m in layers.values() if m.reg_value is not None]).sum() \
-            if cfg.lambda_w > 0 else torch.zeros((), device=prep.device)
+        regs = take_penalties(layers)
+        reg = stack_scalars(regs).sum() if regs else torch.zeros((), device=prep.device)
         extra = cfg.lambda_w * s * reg
         pressure, over, acc, bit_logs = bit_terms(state["frozen"])
         logs = {"regularizer": reg.detach(), **bit_logs}
@@ -282,14 +283,12 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         state["frozen"], state["bits"] = True, (wi, ai)
 
     def after_step(step: int, total: int):
-        if state["frozen"] or not free_betas:
-            return
-        project()
-        if step + 1 >= int(cfg.freeze_at * total):
+        if not state["frozen"] and free_betas and step + 1 >= int(cfg.freeze_at * total):
             freeze()
 
     fit(prep.model, prep.data, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-        quant_params=quant_params, lr_quant=cfg.lr_quant, hook=StepHook(loss, after_step), progress=progress,
+        quant_params=quant_params, lr_quant=cfg.lr_quant, progress=progress,
+        hook=StepHook(loss, after_step, project if free_betas else None),
         desc="sinareq", history=history, compile=cfg.compile,
         shared_norm=free_betas if cfg.beta_update == "shared" else ())
     if state["bits"] is None:  # training ended before the freeze point

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ScalarAdam"]
+__all__ = ["OneCycleSGD", "ScalarAdam"]
 
 
 class ScalarAdam:
@@ -56,10 +56,14 @@ class ScalarAdam:
         if not any(have):
             return
         b1, b2 = self.betas
-        weights = self._weights.get(have)
-        if weights is None:  # made once per pattern (the pattern changes when bits freeze), not every step
+        # Made once per pattern (the pattern changes when bits freeze), not every step; in a compiled
+        # step they are constants of the graph, and a cache would only add a guard.
+        weights = None if torch.compiler.is_compiling() else self._weights.get(have)
+        if weights is None:
             mask = torch.tensor(have, dtype=self.steps.dtype, device=self.steps.device)
-            weights = self._weights[have] = (mask, (1 - b1) * mask, 1 - (1 - b2) * mask, -self.lr * mask)
+            weights = (mask, (1 - b1) * mask, 1 - (1 - b2) * mask, -self.lr * mask)
+            if not torch.compiler.is_compiling():
+                self._weights[have] = weights
         mask, avg_weight, sq_decay, step_size = weights
         g = torch.stack([p.grad if p.grad is not None else self._zero for p in self.params])  # 0 where skipped
         self.steps.add_(mask)
@@ -74,3 +78,58 @@ class ScalarAdam:
         denom = second.sqrt_().add_(self.eps)
         update = self.exp_avg / (bias1 * denom) * step_size
         torch._foreach_add_(self.params, update.unbind())
+
+
+class OneCycleSGD:
+    """SGD with Nesterov momentum and weight decay under a one-cycle schedule, steppable inside one
+    compiled graph: what ``fit`` uses with ``compile``.
+
+    ``torch.optim.SGD.step`` breaks a ``torch.compile`` graph on purpose (around every optimizer
+    step) and ``OneCycleLR`` changes Python floats between steps, which a compiled step would bake
+    in as constants. Here the learning rate and the momentum of every step (one-cycle also cycles
+    the momentum, 0.95 → 0.85 → 0.95) are made up front by ``OneCycleLR`` itself, on a throw-away
+    optimizer, into two device vectors indexed by the step as a 0-d tensor; the update is torch's
+    multi-tensor SGD written with ``_foreach`` operations:
+    g ← ∇ + wd·p; b ← m·b + g (b starts at 0, so the first b is g, as torch's); p ← p − lr·(g + m·b).
+    Equal to ``torch.optim.SGD`` under ``OneCycleLR`` up to float rounding (tests/test_fused.py).
+    """
+
+    def __init__(self, params, *, lr: float, total: int, weight_decay: float = 0.0, pct_start: float = 0.15,
+                 anneal_strategy: str = "linear") -> None:
+        self.params = list(params)
+        like = self.params[0] if self.params else torch.zeros(())
+        probe = torch.optim.SGD([torch.zeros((), requires_grad=True)], lr=lr, momentum=0.9, nesterov=True)
+        sched = torch.optim.lr_scheduler.OneCycleLR(probe, max_lr=lr, total_steps=total, pct_start=pct_start,
+                                                    anneal_strategy=anneal_strategy)
+        lrs, moms = [], []
+        for i in range(total):
+            lrs.append(probe.param_groups[0]["lr"])
+            moms.append(probe.param_groups[0]["momentum"])
+            if i + 1 < total:  # OneCycleLR refuses to step past total_steps
+                probe.step()
+                sched.step()
+        self.lr = torch.tensor(lrs, dtype=like.dtype, device=like.device)
+        self.momentum = torch.tensor(moms, dtype=like.dtype, device=like.device)
+        self.weight_decay = weight_decay
+        self.buffers = [torch.zeros_like(p, memory_format=torch.preserve_format).detach() for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, i: torch.Tensor) -> None:
+        """One update with the schedule's values at step ``i`` (a 0-d integer tensor on the device)."""
+        have = [k for k, p in enumerate(self.params) if p.grad is not None]  # as torch: no gradient, no step
+        if not have:
+            return
+        params = [self.params[k] for k in have]
+        bufs = [self.buffers[k] for k in have]
+        # index_select, not lr[i]: indexing with a tensor gives a size Dynamo cannot see ahead of time
+        k = i.reshape(1)
+        lr, m = self.lr.index_select(0, k).squeeze(0), self.momentum.index_select(0, k).squeeze(0)
+        g = torch._foreach_add([p.grad for p in params], params, alpha=self.weight_decay)
+        torch._foreach_mul_(bufs, m)
+        torch._foreach_add_(bufs, g)
+        torch._foreach_add_(g, torch._foreach_mul(bufs, m))
+        torch._foreach_add_(params, torch._foreach_mul(g, -lr))

@@ -29,7 +29,7 @@ from cost_models import Registry
 from .fused import FusedPact, FusedWeights, pact_scalars, stack_scalars
 
 __all__ = ["DoReFa", "QuantConv2d", "QuantLinear", "WRPN", "WeightQuantizer", "mse_clip", "quant_layers", "quantize_model",
-           "weight_quantizers"]
+           "take_penalties", "weight_quantizers"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -364,3 +364,15 @@ def quantize_model(model: nn.Module, names: list[str], *, quantizer: str | Weigh
 def quant_layers(model: nn.Module) -> dict[str, _QuantMixin]:
     """The quantized modules of a model by name, in registration order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, _QuantMixin)}
+
+
+def take_penalties(layers: dict[str, _QuantMixin]) -> list[torch.Tensor]:
+    """The SINAREQ penalties the last forward pass left on ``layers`` (those with ``reg_enabled``),
+    handed over once: each layer's ``reg_value`` is cleared, so that no module keeps the step's
+    autograd graph alive past its backward (a compiled step may not leave it on a module either)."""
+    regs = []
+    for m in layers.values():
+        if m.reg_value is not None:
+            regs.append(m.reg_value)
+            m.reg_value = None
+    return regs

@@ -27,7 +27,7 @@ from .fused import stack_scalars
 from .learn import Prepared, calibrate, learn_bits, load_data, measure_omega, prepare, quantize_prepared
 from .models import create_model
 from .plan import build_plan, check_plan_matches, check_plan_totals, save_plan
-from .quant import quant_layers, quantize_model
+from .quant import quant_layers, quantize_model, take_penalties
 from .rounding import project_to_budgets
 from .sinareq import strength
 from .train import StepHook, evaluate, fit, fp32_checkpoint, recalibrate_bn, resolve_device
@@ -70,7 +70,7 @@ def fit_plan(model: nn.Module, data: TensorData, layers: dict, *, config: RunCon
         if lam <= 0:
             return zero, {}
         s = strength(step, total, start=config.reg_start, width=config.reg_width)
-        regs = [m.reg_value for m in layers.values() if m.reg_value is not None]
+        regs = take_penalties(layers)
         reg = stack_scalars(regs).sum() if regs else zero
         return lam * s * reg, {"regularizer": reg.detach()}
 

@@ -32,9 +32,12 @@ def regularizer(w: torch.Tensor, beta: torch.Tensor, scale: torch.Tensor, quanti
     return quantizer.penalty(quantizer.normalize(w, scale), beta)
 
 
-def strength(step: int | torch.Tensor, total: int, *, start: float = 0.2, width: float = 0.05) -> float:
-    """Smooth switch-on ½(1 + tanh((t - t0)/τ)) with t0 = start·total, τ = width·total (WaveQ's schedule)."""
+def strength(step: int | torch.Tensor, total: int, *, start: float = 0.2, width: float = 0.05) -> float | torch.Tensor:
+    """Smooth switch-on ½(1 + tanh((t - t0)/τ)) with t0 = start·total, τ = width·total (WaveQ's schedule).
+    A float for a Python step; a 0-d tensor for a tensor step (a compiled training step's)."""
     t0, tau = start * total, max(width * total, 1e-9)
+    if isinstance(step, torch.Tensor):
+        return 0.5 * (1.0 + torch.tanh((step.double() - t0) / tau)).float()
     return 0.5 * (1.0 + math.tanh((float(step) - t0) / tau))
 
 

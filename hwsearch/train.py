@@ -5,11 +5,13 @@ logging points (every ``log_every`` steps), not per step.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData, cache_dir
-from .optim import ScalarAdam
+from .optim import OneCycleSGD, ScalarAdam
 from .units import slug
 
 __all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "recalibrate_bn", "resolve_device"]
@@ -88,11 +90,34 @@ def recalibrate_bn(model: nn.Module, data: TensorData, *, batches: int = 20, bat
 
 @dataclass
 class StepHook:
-    """Extra terms and actions for ``fit``: ``loss(step, total)`` returns (extra loss, logs dict of
-    0-d tensors); ``after_step(step, total)`` runs after the optimizer steps (clamping, freezing)."""
+    """Extra terms and actions for ``fit``.
 
-    loss: Callable[[int, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
+    ``loss(step, total)`` returns (extra loss, logs dict of 0-d tensors); ``project()`` runs right
+    after the optimizer steps, inside the training step (clamps and projections: tensor operations
+    only, so that a compiled step stays one graph); ``after_step(step, total)`` runs after the step,
+    outside it (host-side decisions such as the freeze). ``step`` is a Python int in an eager step
+    and a 0-d integer tensor in a compiled one.
+    """
+
+    loss: Callable[[int | torch.Tensor, int], tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = None
     after_step: Callable[[int, int], None] | None = None
+    project: Callable[[], None] | None = None
+
+
+class _EagerSGD:
+    """torch's SGD under ``OneCycleLR``, stepped as ``OneCycleSGD`` is (``step(i)`` steps both)."""
+
+    def __init__(self, params, *, lr: float, total: int, weight_decay: float) -> None:
+        self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=total, pct_start=0.15,
+                                                         anneal_strategy="linear")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, i) -> None:
+        self.opt.step()
+        self.sched.step()
 
 
 def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_size: int, seed: int,
@@ -103,11 +128,14 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     Adam for the quantizer parameters (bitwidths, scales, clips); those in ``shared_norm`` share
     one Adam second moment (``ScalarAdam``'s ``shared``).
 
-    With ``compile``, the forward (and so the backward) runs through ``torch.compile``, and so does
-    the quantizer parameters' Adam step: on a GPU it fuses the many small fake-quantization kernels;
-    it pays for its compile time on long runs.
+    With ``compile``, the whole training step (forward, loss terms, backward, both optimizer steps
+    and the hook's projection) is one ``torch.compile`` graph (``fullgraph=True``; Dynamo traces the
+    backward with ``trace_autograd_ops``), the weights stepped by ``OneCycleSGD``; on CUDA it is
+    compiled with ``mode="reduce-overhead"``, which captures it as a CUDA graph (shapes are static:
+    the last partial batch is dropped). It pays for its compile time on long runs.
 
-    Returns the history: one dict per logging point (step, loss and the hook's logs).
+    Returns the history: one dict per logging point (step, seconds since the start of ``fit``, loss
+    and the hook's logs; a logging point waits for the device, so its time is the steps' time).
 
     Raises:
         NonFiniteLoss: the loss became NaN/inf (checked at every logging point; names the first bad step).
@@ -119,16 +147,15 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
     steps_per_epoch = max(1, len(data.y_train) // batch_size)
     total = max(1, epochs * steps_per_epoch)
-    opt = torch.optim.SGD(weights, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15,
-                                                anneal_strategy="linear")
+    sgd = (OneCycleSGD(weights, lr=lr, total=total, weight_decay=weight_decay) if compile
+           else _EagerSGD(weights, lr=lr, total=total, weight_decay=weight_decay))
     quant = [p for p in (quant_params or []) if p.requires_grad]
     if shared_norm and not all(p.dim() == 0 for p in quant):
         raise ValueError("fit: shared_norm needs 0-d quantizer parameters (ScalarAdam)")
     qopt = (ScalarAdam(quant, lr=lr_quant, shared=shared_norm) if all(p.dim() == 0 for p in quant)
             else torch.optim.Adam(quant, lr=lr_quant)) if quant_params else None
-    if compile and isinstance(qopt, ScalarAdam):  # one graph (tests/test_fused.py)
-        qopt.step = torch.compile(qopt.step, fullgraph=True)
+    if compile and qopt is not None and not isinstance(qopt, ScalarAdam):
+        raise ValueError("fit: compile needs 0-d quantizer parameters (torch's Adam breaks the step's graph)")
     gen = torch.Generator(device=data.device).manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
@@ -136,59 +163,88 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     cuda = data.device.type == "cuda"
     if cuda:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if compile else model
     first_bad = torch.full((), -1, device=data.device, dtype=torch.long)
+
+    def zero_grad() -> None:
+        sgd.zero_grad(set_to_none=True)
+        if qopt:
+            qopt.zero_grad(set_to_none=True)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor, i) -> dict[str, torch.Tensor]:
+        """Forward, loss terms, backward, both optimizers and the projection; returns the step's logs."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(model(x), y)
+        logs = {"task_loss": loss.detach()}
+        if hook and hook.loss:
+            extra, extra_logs = hook.loss(i, total)
+            loss = loss + extra.float()
+            logs.update(extra_logs)
+        # Record the first non-finite step on the device; checked at logging points only.
+        bad = ~torch.isfinite(loss.detach())
+        first_bad.copy_(torch.where(bad & (first_bad < 0), i, first_bad))
+        if not compile:  # see below
+            zero_grad()
+        loss.backward()
+        sgd.step(i)
+        if qopt:
+            qopt.step()
+        if compile:
+            # Compiled, the gradients are dropped at the end of the step, so that none leaves the graph
+            # (a CUDA graph's outputs are overwritten by its next replay). Eager, they are dropped just
+            # before the backward, as torch's examples do: dropping them at the end made a quantized
+            # step 10-15% slower on 2 CPU cores (the allocator reuses their memory differently).
+            zero_grad()
+        if hook and hook.project:
+            hook.project()
+        return logs
+
+    zero_grad()  # gradients left by earlier work (a sensitivity pass) would be added to
+    step_fn, index = train_step, None
+    if compile:
+        # A fresh Dynamo cache: earlier fits' steps guard on their own models and optimizers, are never
+        # run again, and would count against Dynamo's recompile limit (past it, steps run eagerly).
+        torch._dynamo.reset()
+        step_fn = torch.compile(train_step, fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        index = torch.arange(total, device=data.device)  # the step as a tensor: one graph for all steps
+        for t in (first_bad, sgd.lr, sgd.momentum, *sgd.buffers,
+                  *((qopt.exp_avg, qopt.exp_avg_sq, qopt.steps) if qopt else ())):
+            torch._dynamo.mark_static_address(t)  # state the step updates in place: fixed for CUDA graphs
     running = {}
     step = 0
+    start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     try:
-        for _ in range(epochs):
-            for x, y in data.train_batches(batch_size, gen):
-                if cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                    loss = F.cross_entropy(forward(x), y)
-                logs = {"task_loss": loss.detach()}
-                if hook and hook.loss:
-                    extra, extra_logs = hook.loss(step, total)
-                    extra = extra.float()
-                    loss = loss + extra
-                    logs.update(extra_logs)
-                # Record the first non-finite step on the device; checked at logging points only.
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
-                opt.zero_grad(set_to_none=True)
-                if qopt:
-                    qopt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if qopt:
-                    qopt.step()
-                sched.step()
-                if hook and hook.after_step:
-                    hook.after_step(step, total)
-                # One vector per step for all logged values (two operations, not two per value).
-                keys = tuple(logs)
-                with torch.no_grad():
-                    values = torch.stack([v.float() for v in logs.values()])
-                group = running.get(keys)
-                running[keys] = (values, 1) if group is None else (group[0] + values, group[1] + 1)
-                step += 1
-                if step % log_every == 0 or step == total:
-                    bad_step = int(first_bad)
-                    if bad_step >= 0:
-                        raise NonFiniteLoss(f"the loss became non-finite at step {bad_step} of {desc}; "
-                                            f"try a lower learning rate or regularizer strength")
-                    sums: dict[str, tuple[float, int]] = {}
-                    for keys, (values, n) in running.items():
-                        for k, v in zip(keys, values.tolist()):
-                            total_k, count_k = sums.get(k, (0.0, 0))
-                            sums[k] = (total_k + v, count_k + n)
-                    row = {"phase": desc, "step": step, **{k: v / n for k, (v, n) in sums.items()}}
-                    history.append(row)
-                    running = {}
-                    bar.set_postfix(loss=f"{row['task_loss']:.3f}")
-                bar.update(1)
+        with torch._dynamo.config.patch(trace_autograd_ops=True) if compile else contextlib.nullcontext():
+            for _ in range(epochs):
+                for x, y in data.train_batches(batch_size, gen):
+                    if cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    logs = step_fn(x, y, step if index is None else index[step])
+                    if hook and hook.after_step:
+                        hook.after_step(step, total)
+                    # One vector per step for all logged values (two operations, not two per value).
+                    keys = tuple(logs)
+                    with torch.no_grad():
+                        values = torch.stack([v.float() for v in logs.values()])
+                    group = running.get(keys)
+                    running[keys] = (values, 1) if group is None else (group[0] + values, group[1] + 1)
+                    step += 1
+                    if step % log_every == 0 or step == total:
+                        bad_step = int(first_bad)
+                        if bad_step >= 0:
+                            raise NonFiniteLoss(f"the loss became non-finite at step {bad_step} of {desc}; "
+                                                f"try a lower learning rate or regularizer strength")
+                        sums: dict[str, tuple[float, int]] = {}
+                        for keys, (values, n) in running.items():
+                            for k, v in zip(keys, values.tolist()):
+                                total_k, count_k = sums.get(k, (0.0, 0))
+                                sums[k] = (total_k + v, count_k + n)
+                        row = {"phase": desc, "step": step, "seconds": time.perf_counter() - start,
+                               **{k: v / n for k, (v, n) in sums.items()}}
+                        history.append(row)
+                        running = {}
+                        bar.set_postfix(loss=f"{row['task_loss']:.3f}")
+                    bar.update(1)
     finally:
         bar.close()
     return history
