@@ -24,8 +24,6 @@ class RunConfig:
     b_max: int = 8                     # highest learnable bits
     init_bits: float | None = None     # starting continuous bitwidth; None: the budget as uniform bits (b_max without one)
     first_last_bits: int = 8           # first and last weight layers fixed here (0: learn them too)
-    ends_init_bits: int | None = None  # with first_last_bits 0: the ends start here, the rest at what the
-                                       # budget leaves; None: at the budget's uniform bits like the rest
     input_bits: int = 8                # bits of the image input to the first layer
     fp32_epochs: int = 30              # epochs of the cached FP32 checkpoint
     allocator: str = "sinareq"         # who chooses the plan: sinareq (learned bits) | hessian (HAWQ-style ILP)
@@ -90,9 +88,6 @@ class RunConfig:
         for name in ("lr", "lr_fp32", "lr_quant"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.ends_init_bits is not None and not self.b_min <= self.ends_init_bits <= self.b_max:
-            raise ValueError(f"ends_init_bits: must be within b_min..b_max ({self.b_min}..{self.b_max}), "
-                             f"got {self.ends_init_bits}")
         if self.init_bits is not None and not self.b_min <= self.init_bits <= self.b_max:
             raise ValueError(f"init_bits: must be within b_min..b_max ({self.b_min}..{self.b_max}), got {self.init_bits}")
         for name, value in self.budgets.items():

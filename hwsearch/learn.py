@@ -22,7 +22,7 @@ from .data import TensorData, load_dataset
 from .fused import stack_scalars
 from .models import create_model
 from .quant import quant_layers, quantize_model, take_penalties
-from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, minimum_cost, project_to_budgets
+from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
 from .sinareq import accuracy_cost, bit_pressure, budget_penalty, strength
 from .train import StepHook, fit, resolve_device
 
@@ -99,38 +99,12 @@ def prepare(config: RunConfig) -> Prepared:
             # learning redistributes bits between layers instead of bringing them all down from b_max.
             b = budget_bits(table, w_init, a_init, space, budgets)
             w_init, a_init = space.fill(w_init, a_init, b)
-            if config.ends_init_bits is not None and not config.first_last_bits and weighted:
-                w_init, a_init = _start_ends_high(table, w_init, a_init, space, budgets, weighted,
-                                                  float(config.ends_init_bits))
     else:
         for m, b in budgets:
             c = m(table, w_init, a_init)
             if c > b:
                 raise ValueError(f"budget {m.name}={b:.4g}: fixed {config.fixed_bits}-bit plan costs {c:.4g} {m.unit}")
     return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device)
-
-
-def _start_ends_high(table, w_init, a_init, space: BitSpace, budgets, weighted: list[int], ends: float):
-    """Free first and last layers starting at ``ends`` bits and every other free bit at the uniform
-    bits the budget leaves them; the start unchanged when the ends at ``ends`` leave less than
-    b_min for the rest.
-
-    SINAREQ lowers the bits of every layer together when the cost is over budget and raises a layer
-    only as far as its task-loss gradient beats the bit pressure: first and last layers started at
-    the budget's bits stay near them (the first at 3-5 bits, the last at 2-5 on the decisive
-    preset), where fixed 8-bit ends are worth more to accuracy."""
-    w, a = list(w_init), list(a_init)
-    free_w, free_a = list(space.free_w), list(space.free_a)
-    for i in (weighted[0], weighted[-1]):
-        if free_w[i]:
-            w[i], free_w[i] = ends, False
-        if free_a[i]:
-            a[i], free_a[i] = ends, False
-    rest = BitSpace(free_w, free_a, space.b_min, space.b_max)
-    if any(c > b for m, b in budgets for c in [minimum_cost(table, w, a, rest, m)]):
-        return w_init, a_init
-    b = budget_bits(table, w, a, rest, budgets)
-    return rest.fill(w, a, b)
 
 
 def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:

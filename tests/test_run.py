@@ -259,32 +259,6 @@ def test_learned_bits_start_at_the_budget_as_uniform_bits():
         RunConfig(init_bits=9.0)
 
 
-def test_free_ends_can_start_high_and_the_rest_at_what_the_budget_leaves():
-    """``ends_init_bits`` (with ``first_last_bits=0``): first and last layer start at those bits, every
-    other free bit at one uniform value below the budget's uniform bits, and the start costs the
-    budget; a budget that cannot afford the ends there leaves the uniform start."""
-    from cost_models import get_cost_model
-    from hwsearch.costs import uniform_bits
-
-    bitops = get_cost_model("bitops")
-    table = prepare(RunConfig()).table
-    w4 = bitops(table, *uniform_bits(table, 4, 4))
-    plain = prepare(RunConfig(budgets={"bitops": w4}, first_last_bits=0))
-    high = prepare(RunConfig(budgets={"bitops": w4}, first_last_bits=0, ends_init_bits=8))
-    ends = [i for i, b in enumerate(plain.w_init) if b < 32]  # the quantized layers
-    first, last = ends[0], ends[-1]
-    assert high.w_init[first] == high.w_init[last] == high.a_init[last] == 8.0
-    rest = {round(b, 9) for i, b in enumerate(high.w_init) if high.space.free_w[i] and i not in (first, last)}
-    assert len(rest) == 1 and rest.pop() < plain.w_init[first]  # the ends take some of the budget
-    assert bitops(table, high.w_init, high.a_init) == pytest.approx(w4, rel=1e-6)
-    # between all layers at 2 bits and W2A2 with 8-bit ends: feasible, but not with the ends at 8
-    tight = (bitops(table, *plain.space.fill(plain.w_init, plain.a_init, 2)) + bitops(table, *uniform_bits(table, 2, 2))) / 2
-    low = prepare(RunConfig(budgets={"bitops": tight}, first_last_bits=0, ends_init_bits=8))
-    assert low.w_init == prepare(RunConfig(budgets={"bitops": tight}, first_last_bits=0)).w_init
-    with pytest.raises(ValueError, match="ends_init_bits"):
-        RunConfig(ends_init_bits=9)
-
-
 def test_recalibrate_bn_matches_the_statistics_of_the_model_as_it_is():
     from torch import nn
 
