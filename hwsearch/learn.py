@@ -42,7 +42,11 @@ class Prepared:
     w_init: list[float]
     a_init: list[float]
     device: torch.device
-    float_bits: torch.Tensor | None = None
+    float_bits: torch.Tensor | None = None  # 32, the bits of a layer left in float: made once, on the device
+
+    def __post_init__(self) -> None:
+        if self.float_bits is None:
+            self.float_bits = torch.tensor(float(FLOAT_BITS), device=self.device)
 
 
 def load_data(config: RunConfig, device: torch.device) -> TensorData:
@@ -109,10 +113,9 @@ def prepare(config: RunConfig) -> Prepared:
 
 def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer (continuous) bits as two tensors aligned with the table; layers that are not
-    quantized count 32 bits (a constant made once, not per step)."""
+    quantized count 32 bits (``prep.float_bits``, made once with ``prep``: not per step, and not on a
+    compiled step's first call, which would compile it twice)."""
     w, a = [], []
-    if prep.float_bits is None:
-        prep.float_bits = torch.tensor(float(FLOAT_BITS), device=prep.device)
     for layer in prep.table.layers:
         mod = layers.get(layer.name)
         if mod is None:
@@ -222,8 +225,6 @@ def learn_bits(prep: Prepared, layers: dict, *, epochs: int, progress: bool = Fa
         m.reg_enabled = cfg.lambda_w > 0
     state: dict = {"frozen": False, "bits": None}
     primary = budgets[0] if budgets else None
-    if prep.float_bits is None:  # made here, not on the first step (a compiled step would compile twice)
-        prep.float_bits = torch.tensor(float(FLOAT_BITS), device=prep.device)
 
     def bit_terms(frozen: bool):
         """The logged bit values and, until the freeze, the learned bits' loss terms (bit pressure, and

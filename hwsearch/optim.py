@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["OneCycleSGD", "ScalarAdam"]
+__all__ = ["OneCycleSGD", "ScalarAdam", "one_cycle"]
 
 
 class ScalarAdam:
@@ -80,27 +80,32 @@ class ScalarAdam:
         torch._foreach_add_(self.params, update.unbind())
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The weights' schedule, the one place it is set: one cycle over ``total`` steps peaking at ``lr``
+    after 15% of them, linear both ways (it cycles SGD's momentum too, 0.95 → 0.85 → 0.95)."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15,
+                                               anneal_strategy="linear")
+
+
 class OneCycleSGD:
     """SGD with Nesterov momentum and weight decay under a one-cycle schedule, steppable inside one
     compiled graph: what ``fit`` uses with ``compile``.
 
     ``torch.optim.SGD.step`` breaks a ``torch.compile`` graph on purpose (around every optimizer
     step) and ``OneCycleLR`` changes Python floats between steps, which a compiled step would bake
-    in as constants. Here the learning rate and the momentum of every step (one-cycle also cycles
-    the momentum, 0.95 → 0.85 → 0.95) are made up front by ``OneCycleLR`` itself, on a throw-away
-    optimizer, into two device vectors indexed by the step as a 0-d tensor; the update is torch's
-    multi-tensor SGD written with ``_foreach`` operations:
+    in as constants. Here the learning rate and the momentum of every step are made up front by
+    ``one_cycle`` (``OneCycleLR``) itself, on a throw-away optimizer, into two device vectors
+    indexed by the step as a 0-d tensor; the update is torch's multi-tensor SGD written with
+    ``_foreach`` operations:
     g ← ∇ + wd·p; b ← m·b + g (b starts at 0, so the first b is g, as torch's); p ← p − lr·(g + m·b).
     Equal to ``torch.optim.SGD`` under ``OneCycleLR`` up to float rounding (tests/test_fused.py).
     """
 
-    def __init__(self, params, *, lr: float, total: int, weight_decay: float = 0.0, pct_start: float = 0.15,
-                 anneal_strategy: str = "linear") -> None:
+    def __init__(self, params, *, lr: float, total: int, weight_decay: float = 0.0) -> None:
         self.params = list(params)
         like = self.params[0] if self.params else torch.zeros(())
         probe = torch.optim.SGD([torch.zeros((), requires_grad=True)], lr=lr, momentum=0.9, nesterov=True)
-        sched = torch.optim.lr_scheduler.OneCycleLR(probe, max_lr=lr, total_steps=total, pct_start=pct_start,
-                                                    anneal_strategy=anneal_strategy)
+        sched = one_cycle(probe, lr, total)
         lrs, moms = [], []
         for i in range(total):
             lrs.append(probe.param_groups[0]["lr"])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData, cache_dir
-from .optim import OneCycleSGD, ScalarAdam
+from .optim import OneCycleSGD, ScalarAdam, one_cycle
 from .units import slug
 
 __all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "recalibrate_bn", "resolve_device"]
@@ -105,12 +105,11 @@ class StepHook:
 
 
 class _EagerSGD:
-    """torch's SGD under ``OneCycleLR``, stepped as ``OneCycleSGD`` is (``step(i)`` steps both)."""
+    """torch's SGD under ``one_cycle``, stepped as ``OneCycleSGD`` is (``step(i)`` steps both)."""
 
     def __init__(self, params, *, lr: float, total: int, weight_decay: float) -> None:
         self.opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=total, pct_start=0.15,
-                                                         anneal_strategy="linear")
+        self.sched = one_cycle(self.opt, lr, total)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.opt.zero_grad(set_to_none=set_to_none)
