@@ -191,7 +191,8 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
             # Compiled, the gradients are dropped at the end of the step, so that none leaves the graph
             # (a CUDA graph's outputs are overwritten by its next replay). Eager, they are dropped just
             # before the backward, as torch's examples do: dropping them at the end made a quantized
-            # step 10-15% slower on 2 CPU cores (the allocator reuses their memory differently).
+            # step slower on 2 CPU cores (bench/step_time.py, runs alternated with and without it;
+            # figures in the message of commit 7990873).
             zero_grad()
         if hook and hook.project:
             hook.project()
