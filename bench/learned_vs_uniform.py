@@ -89,7 +89,7 @@ def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None =
     base = {"dataset": data, "seed": job["seed"], **preset["run"]}
     table = prepare(RunConfig(**base)).table
     bitops = budgets_bitops(table)[job["budget"]]
-    cfg = RunConfig(**base, **job["config"], budgets={} if job["allocator"] == "uniform" else {"bitops": bitops})
+    cfg = RunConfig(**{**base, **job["config"]}, budgets={} if job["allocator"] == "uniform" else {"bitops": bitops})
     t0 = time.time()
     result = run(cfg, out=out / "runs" / job["key"])
     record = {"budget": job["budget"], "bitops": bitops, "allocator": job["allocator"], "seed": job["seed"],

@@ -166,6 +166,45 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
     return "\n".join(lines), losses
 
 
+DECISIVE_BUDGETS = {"W2.5A2.5": 0.5, "W3A3": 0.3, "W3.5A3.5": 0.5, "W4A4": 0.0}  # issue 10's margins, in points
+
+
+def decisive_summary(folders: list[Path]) -> str:
+    """One table over every learned_vs_uniform.json of the decisive preset (cpu, all test images): per
+    experiment (folder, allocator, its --set overrides), the mean paired difference to uniform at each
+    budget with the number of seeds, against the margin each budget asks."""
+    out = []
+    for folder in folders:
+        path = folder / "learned_vs_uniform.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        p, rows = doc["preset"], pd.DataFrame(doc["rows"])
+        if p.get("name") != "cpu" or p.get("test_images") != "all" or rows.empty:
+            continue
+        reference = rows[rows.allocator.isin(["uniform", "uniform-interp"])].set_index(["budget", "seed"]).top1
+        for alloc, g in rows[~rows.allocator.str.startswith("uniform")].groupby("allocator", sort=False):
+            row = {"folder": folder.name, "code": p.get("code", "?"), "allocator": alloc,
+                   "--set": ", ".join(f"{k}={v}" for k, v in p.get("allocator_overrides", {}).items()) or "—"}
+            for budget in DECISIVE_BUDGETS:
+                diffs = [100 * (r.top1 - reference[(budget, r.seed)]) for r in g[g.budget == budget].itertuples()
+                         if (budget, r.seed) in reference.index]
+                row[budget] = f"{sum(diffs) / len(diffs):+.2f} (n={len(diffs)})" if diffs else ""
+            out.append(row)
+    if not out:
+        return ""
+    margins = {"folder": "**asked**", "code": "", "allocator": "", "--set": "",
+               **{b: f"≥ {m:+.1f}" if m else "≥ 0" for b, m in DECISIVE_BUDGETS.items()}}
+    return "\n".join([
+        "# The decisive comparison, every experiment", "",
+        "Each `learned_vs_uniform.json` on the decisive preset (`python bench/learned_vs_uniform.py --preset cpu "
+        "[--set FIELD=VALUE ...]`: ResNet-20, 8,000 CIFAR-10 training images, the full test set, every plan trained "
+        "4 epochs at fixed bits from one FP32 checkpoint): mean over seeds of the paired difference to uniform bits "
+        "at the same BitOps, in points (interpolated in log-BitOps at W2.5A2.5 and W3.5A3.5), n = seeds. The "
+        "sections below have each experiment's full table; `docs/design.md` what each one tested.", "",
+        pd.DataFrame([margins, *out]).to_markdown(index=False, disable_numparse=True), ""])
+
+
 def weights_vs_inputs_section(path: Path) -> str:
     """Uniform plans that trade weight bits for input bits (bench/weights_vs_inputs.py), each against the
     uniform curve of the decisive table at its BitOps (log-BitOps interpolation, same seed)."""
@@ -228,6 +267,9 @@ def main() -> int:
              "from the result files alone: every number below comes from a committed script's output. "
              "Each part names its machine, preset and the command that reproduces it.", ""]
     losses: list[str] = []
+    summary = decisive_summary([Path(f) for f in args.results])
+    if summary:
+        parts += [summary]
     for folder in args.results:
         res = Path(folder)
         machine = next((p.read_text().strip() for p in (res / "machine.txt", res / "gpu.txt") if p.exists()), "?")
@@ -238,13 +280,16 @@ def main() -> int:
     parts += [f"- {line}" for line in losses] if losses else ["Nowhere in the results above."]
     if losses:
         parts += ["", "Likely reasons, from the runs themselves:", "",
-                  "- The CPU preset is 64 steps of training on 2,000 images, and such runs are chaotic: during "
+                  "- The decisive comparison (the first table): from W3A3 up, what a tensor at 2 bits costs after "
+                  "training outweighs what a bit more elsewhere gains, so the best plans any allocator found are "
+                  "uniform bits with a few layers one bit up; priced by losses measured after QAT, the integer "
+                  "program returns the uniform plan itself at W3A3 and W4A4. Between W2A2 and W3A3, where some "
+                  "tensors must sit at 2 bits, choosing which ones pays. `docs/design.md` ('What the decisive "
+                  "comparison shows') has the experiments.",
+                  "- The `evidence` preset is 64 steps of training on 2,000 images, and such runs are chaotic: during "
                   "development the same configuration at 1 and at 2 threads ended several points apart, and the "
                   "FP32 checkpoints of seeds 0-2 span 43-50%. Differences below a point at n <= 3 are within "
                   "that spread.",
-                  "- A learned run changes a layer's grid whenever its β crosses a half-integer and is frozen at 80% "
-                  "of the steps; uniform QAT keeps one grid for all of them. On a run this short the learned plan's "
-                  "last grid changes have about a dozen steps to settle.",
                   "- In the fixed-bit claim the regularizer's pull competes with the task loss for the few steps "
                   "there are; the paper trains for far longer. The default λ_w = 1 pulls only mildly (it was 10 "
                   "until commit 0d736a7, which lost more often to plain QAT on this preset).",
