@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
 PRESETS = {
     # 2 cores: an 8,000-image training subset, the full test set, one FP32 checkpoint (fp32_seed 0)
     # that every seed's runs start from, so that seeds differ only in the quantized training.
-    # Uniform W3A3 from that checkpoint: 66.63 / 66.84 / 67.03 % over seeds 0-2 (spread 0.40).
+    # Uniform W3A3's spread over seeds 0-2 from that checkpoint: 0.10 points (bench/results/cpu-v2).
     "cpu": {"run": {"max_train": 8000, "fp32_epochs": 10, "fp32_seed": 0, "epochs": 4, "search_epochs": 2,
                     "batch_size": 128},
             "seeds": [0, 1, 2], "workers": 2},
@@ -126,7 +127,8 @@ def write_table(out: Path, table_path: Path, preset_name: str, preset: dict, dat
                                                                if "allocator_overrides" in preset else {}),
                       "dataset": data, "seeds": preset["seeds"],
                       "test_images": "all" if not preset["run"].get("max_test") else preset["run"]["max_test"],
-                      "command": f"python bench/learned_vs_uniform.py --preset {preset_name}",
+                      "command": " ".join(["python bench/learned_vs_uniform.py", *sys.argv[1:]])
+                      if Path(sys.argv[0]).name == "learned_vs_uniform.py" else f"python bench/learned_vs_uniform.py --preset {preset_name}",
                       "code": code_version()},
            "rows": table_rows(records)}
     write_json(table_path, doc)
@@ -139,7 +141,8 @@ def main() -> int:
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--seeds", help="comma-separated seeds instead of the preset's")
     ap.add_argument("--only", help="comma-separated allocators to run (uniform, sinareq, hessian, measured)")
-    ap.add_argument("--budgets", help=f"comma-separated budgets for the allocators (default all: {','.join(BUDGETS)})")
+    ap.add_argument("--budgets", help=f"comma-separated budgets for the allocators (default all: {','.join(BUDGETS)}); "
+                                      "uniform runs only at the budgets these are compared with")
     ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
     ap.add_argument("--workers", type=int, help="runs at once, processes sharing the cores (default: the preset's)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"), help="start no run after this many seconds")
@@ -182,7 +185,9 @@ def main() -> int:
         unknown = set(args.budgets.split(",")) - set(BUDGETS)
         if unknown:
             ap.error(f"--budgets: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BUDGETS)})")
-        jobs = [j for j in jobs if j["allocator"] == "uniform" or j["budget"] in args.budgets.split(",")]
+        chosen = args.budgets.split(",")
+        needed = {u for b in chosen for u in BETWEEN.get(b, (b,))}  # the uniform runs their comparison needs
+        jobs = [j for j in jobs if j["budget"] in (needed if j["allocator"] == "uniform" else chosen)]
     todo = [j for j in jobs if not (runs / f"{j['key']}.json").exists()]
     print(f"{len(jobs)} runs, {len(todo)} to do", flush=True)
     t0 = time.time()
