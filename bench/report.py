@@ -174,6 +174,7 @@ def decisive_summary(folders: list[Path]) -> str:
     experiment (folder, allocator, its --set overrides), the mean paired difference to uniform at each
     budget with the number of seeds, against the margin each budget asks."""
     out = []
+    pooled: dict[tuple, dict] = {}  # (allocator, --set, FP32 top-1) -> folders and per-budget {seed: diff}
     for folder in folders:
         path = folder / "learned_vs_uniform.json"
         if not path.exists():
@@ -186,13 +187,26 @@ def decisive_summary(folders: list[Path]) -> str:
         for alloc, g in rows[~rows.allocator.str.startswith("uniform")].groupby("allocator", sort=False):
             row = {"folder": folder.name, "code": p.get("code", "?"), "allocator": alloc,
                    "--set": ", ".join(f"{k}={v}" for k, v in p.get("allocator_overrides", {}).items()) or "—"}
+            fp32 = round(float(g.fp32_top1.dropna().iloc[0]), 4) if "fp32_top1" in g and g.fp32_top1.notna().any() else None
+            pool = pooled.setdefault((alloc, row["--set"], fp32), {"folders": [], "diffs": {}})
+            pool["folders"].append(folder.name)
             for budget in DECISIVE_BUDGETS:
-                diffs = [100 * (r.top1 - reference[(budget, r.seed)]) for r in g[g.budget == budget].itertuples()
-                         if (budget, r.seed) in reference.index]
-                row[budget] = f"{sum(diffs) / len(diffs):+.2f} (n={len(diffs)})" if diffs else ""
+                diffs = {r.seed: 100 * (r.top1 - reference[(budget, r.seed)]) for r in g[g.budget == budget].itertuples()
+                         if (budget, r.seed) in reference.index}
+                row[budget] = f"{sum(diffs.values()) / len(diffs):+.2f} (n={len(diffs)})" if diffs else ""
+                pool["diffs"].setdefault(budget, {}).update(diffs)
             out.append(row)
     if not out:
         return ""
+    for (alloc, overrides, _), pool in pooled.items():
+        if len(pool["folders"]) < 2:
+            continue
+        row = {"folder": " + ".join(pool["folders"]) + " (pooled)", "code": "", "allocator": alloc, "--set": overrides}
+        for budget in DECISIVE_BUDGETS:
+            d = pd.Series(list(pool["diffs"].get(budget, {}).values()), dtype=float)
+            row[budget] = (f"{d.mean():+.2f} ± {d.std() / len(d) ** 0.5:.2f} (n={len(d)})" if len(d) > 1
+                           else f"{d.mean():+.2f} (n=1)" if len(d) else "")
+        out.append(row)
     margins = {"folder": "**asked**", "code": "", "allocator": "", "--set": "",
                **{b: f"≥ {m:+.1f}" if m else "≥ 0" for b, m in DECISIVE_BUDGETS.items()}}
     return "\n".join([
@@ -200,8 +214,10 @@ def decisive_summary(folders: list[Path]) -> str:
         "Each `learned_vs_uniform.json` on the decisive preset (`python bench/learned_vs_uniform.py --preset cpu "
         "[--set FIELD=VALUE ...]`: ResNet-20, 8,000 CIFAR-10 training images, the full test set, every plan trained "
         "4 epochs at fixed bits from one FP32 checkpoint): mean over seeds of the paired difference to uniform bits "
-        "at the same BitOps, in points (interpolated in log-BitOps at W2.5A2.5 and W3.5A3.5), n = seeds. The "
-        "sections below have each experiment's full table; `docs/design.md` what each one tested.", "",
+        "at the same BitOps, in points (interpolated in log-BitOps at W2.5A2.5 and W3.5A3.5), n = seeds. A pooled "
+        "row joins one experiment (allocator, `--set`, FP32 checkpoint) run in several folders on other seeds; "
+        "± is the standard error of its mean. The sections below have each experiment's full table; "
+        "`docs/design.md` what each one tested.", "",
         pd.DataFrame([margins, *out]).to_markdown(index=False, disable_numparse=True), ""])
 
 
