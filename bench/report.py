@@ -191,7 +191,7 @@ def decisive_summary(folders: list[Path]) -> str:
             pool = pooled.setdefault((alloc, row["--set"], fp32), {"folders": [], "diffs": {}})
             pool["folders"].append(folder.name)
             for budget in DECISIVE_BUDGETS:
-                diffs = {r.seed: 100 * (r.top1 - reference[(budget, r.seed)]) for r in g[g.budget == budget].itertuples()
+                diffs = {r.seed: 100 * r.top1 - 100 * reference[(budget, r.seed)] for r in g[g.budget == budget].itertuples()
                          if (budget, r.seed) in reference.index}
                 row[budget] = f"{sum(diffs.values()) / len(diffs):+.2f} (n={len(diffs)})" if diffs else ""
                 pool["diffs"].setdefault(budget, {}).update(diffs)
