@@ -127,8 +127,7 @@ def write_table(out: Path, table_path: Path, preset_name: str, preset: dict, dat
                                                                if "allocator_overrides" in preset else {}),
                       "dataset": data, "seeds": preset["seeds"],
                       "test_images": "all" if not preset["run"].get("max_test") else preset["run"]["max_test"],
-                      "command": " ".join(["python bench/learned_vs_uniform.py", *sys.argv[1:]])
-                      if Path(sys.argv[0]).name == "learned_vs_uniform.py" else f"python bench/learned_vs_uniform.py --preset {preset_name}",
+                      "command": preset.get("command", f"python bench/learned_vs_uniform.py --preset {preset_name}"),
                       "code": code_version()},
            "rows": table_rows(records)}
     write_json(table_path, doc)
@@ -150,7 +149,7 @@ def main() -> int:
                     help="a RunConfig field for the allocators' runs (not uniform's), e.g. beta_update=shared; "
                          "repeatable; recorded in the table's preset")
     args = ap.parse_args()
-    preset = dict(PRESETS[args.preset])
+    preset = dict(PRESETS[args.preset], command=" ".join(["python bench/learned_vs_uniform.py", *sys.argv[1:]]))
     overrides = {}
     for item in args.set:
         field, sep, value = item.partition("=")

@@ -130,6 +130,14 @@ def evidence_section(folder: Path, figures: Path) -> tuple[str, list[str]]:
     return "\n".join(lines), losses
 
 
+def paired_diffs(rows: pd.DataFrame, budget: str, g: pd.DataFrame) -> dict[int, float]:
+    """Per seed, the top-1 of ``g``'s runs at ``budget`` minus uniform's (interpolated between uniform
+    points at W2.5A2.5 and W3.5A3.5), in points; seeds without a uniform run are left out."""
+    reference = rows[rows.allocator.isin(["uniform", "uniform-interp"])].set_index(["budget", "seed"]).top1
+    return {r.seed: 100 * r.top1 - 100 * reference[(budget, r.seed)] for r in g[g.budget == budget].itertuples()
+            if (budget, r.seed) in reference.index}
+
+
 def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
     """The decisive table (bench/learned_vs_uniform.py): per budget and allocator, mean top-1, spread
     over seeds, and the paired difference to uniform (interpolated in log-BitOps between uniform points)."""
@@ -147,13 +155,11 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
              "per-seed differences to uniform at that budget (interpolated in log-BitOps at W2.5A2.5 and W3.5A3.5).", ""]
     if rows.empty:
         return "\n".join(lines + ["_no finished runs_", ""]), []
-    rows["top1"] = 100 * rows["top1"]
-    reference = rows[rows.allocator.isin(["uniform", "uniform-interp"])].set_index(["budget", "seed"]).top1
     out, losses = [], []
     for (budget, alloc), g in rows.groupby(["budget", "allocator"], sort=False):
-        diffs = [r.top1 - reference.get((budget, r.seed), float("nan")) for r in g.itertuples()]
-        diffs = [d for d in diffs if d == d]
+        diffs = list(paired_diffs(rows, budget, g).values())
         over = g.plan_bitops.dropna() / g.bitops
+        g = g.assign(top1=100 * g.top1)
         chosen = not alloc.startswith("uniform")
         out.append({"budget": budget, "BitOps": f"{g.bitops.iloc[0] / 1e6:.1f} M", "allocator": alloc, "n": len(g),
                     "mean top-1": f"{g.top1.mean():.2f}", "spread": f"{g.top1.max() - g.top1.min():.2f}",
@@ -183,7 +189,6 @@ def decisive_summary(folders: list[Path]) -> str:
         p, rows = doc["preset"], pd.DataFrame(doc["rows"])
         if p.get("name") != "cpu" or p.get("test_images") != "all" or rows.empty:
             continue
-        reference = rows[rows.allocator.isin(["uniform", "uniform-interp"])].set_index(["budget", "seed"]).top1
         for alloc, g in rows[~rows.allocator.str.startswith("uniform")].groupby("allocator", sort=False):
             row = {"folder": folder.name, "code": p.get("code", "?"), "allocator": alloc,
                    "--set": ", ".join(f"{k}={v}" for k, v in p.get("allocator_overrides", {}).items()) or "—"}
@@ -191,8 +196,7 @@ def decisive_summary(folders: list[Path]) -> str:
             pool = pooled.setdefault((alloc, row["--set"], fp32), {"folders": [], "diffs": {}})
             pool["folders"].append(folder.name)
             for budget in DECISIVE_BUDGETS:
-                diffs = {r.seed: 100 * r.top1 - 100 * reference[(budget, r.seed)] for r in g[g.budget == budget].itertuples()
-                         if (budget, r.seed) in reference.index}
+                diffs = paired_diffs(rows, budget, g)
                 row[budget] = f"{sum(diffs.values()) / len(diffs):+.2f} (n={len(diffs)})" if diffs else ""
                 pool["diffs"].setdefault(budget, {}).update(diffs)
             out.append(row)
