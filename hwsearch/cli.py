@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from cost_models import UncountedOpsError
 
     from .data import DatasetUnavailable
-    from .search import SearchError
+    from .study import SearchError
 
     # torch.utils.cpp_extension (the fused CPU kernel's build, torch.compile on a CPU) warns on import
     # that no CUDA runtime is found: true, and irrelevant to CPU work.

@@ -59,7 +59,8 @@ def _quantity(what: str, unit: str = "count"):
         try:
             return parse_quantity(text, what=what, unit=unit)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            # argparse already names the option ("argument --budget-bitops: ..."): say it once.
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{what}: ")) from None
     return parse
 
 
@@ -76,9 +77,48 @@ def _named_budget(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(exc.args[0] if exc.args else exc)) from None
 
 
+def _stats(option: str):
+    """Per-channel normalization values: numbers separated by commas, or 'none'."""
+    def parse(text: str):
+        if text.strip().lower() == "none":
+            return "none"
+        try:
+            values = tuple(float(t) for t in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected numbers separated by commas (e.g. 0.49,0.48,0.45), or "
+                                             f"'none', got {text!r}")
+        return values
+    return parse
+
+
+def normalization(args) -> dict:
+    """RunConfig's input_mean/input_std from --input-mean/--input-std ('none' for both: (0,) and (1,))."""
+    mean, std = args.input_mean, args.input_std
+    if mean is None and std is None:
+        return {}
+    if mean == "none" or std == "none":
+        if {mean, std} - {"none", None}:
+            raise ValueError("--input-mean/--input-std: 'none' means no normalization; give it to both or "
+                             "numbers to both")
+        return {"input_mean": (0.0,), "input_std": (1.0,)}
+    if mean is None or std is None:
+        raise ValueError("--input-mean/--input-std: give both (or neither: the dataset's own statistics)")
+    return {"input_mean": mean, "input_std": std}
+
+
 def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = False) -> None:
     """Arguments shared by `run` and `search`: model, data, quantizer, budgets, schedule."""
-    p.add_argument("--model", default="resnet20", help="model name (default resnet20)")
+    p.add_argument("--model", default="resnet20",
+                   help="registered or torchvision name, or package.module:factory (default resnet20)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="your trained FP32 weights (a state_dict file): used as given, no FP32 training")
+    p.add_argument("--input-mean", type=_stats("--input-mean"), metavar="M[,M,M]|none",
+                   help="per-channel mean your weights were trained with, on pixels in [0,1] (default: the "
+                        "dataset's); 'none' with --input-std none: pixels in [0,1], not normalized")
+    p.add_argument("--input-std", type=_stats("--input-std"), metavar="S[,S,S]|none",
+                   help="per-channel std your weights were trained with (default: the dataset's)")
     p.add_argument("--dataset", default="digits", help="digits | cifar10 | svhn | imagefolder:PATH (default digits)")
     p.add_argument("--budget-bitops", type=_quantity("--budget-bitops"),
                    help="BitOps cap: a number with an optional SI multiplier, e.g. 0.5G or 300M")
@@ -146,8 +186,7 @@ def config_from_args(args, **overrides):
               "quantizer": args.quantizer, "act_bits": args.act_bits, "b_min": args.b_min, "b_max": args.b_max,
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
               "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
-              "tie_bits": args.tie_bits,
-              "epochs": args.epochs if args.epochs is not None else (30 if args.dataset == "digits" else 10)}
+              "tie_bits": args.tie_bits, "epochs": args.epochs, "weights": args.weights, **normalization(args)}
     fields["allocator"] = args.allocator
     for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lambda_s", "lr", "lr_fp32", "batch_size",
                  "search_epochs", "plan_lambda_w", "fp32_seed", "measured_qat_epochs"):

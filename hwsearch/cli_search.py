@@ -28,7 +28,7 @@ def _bits_list(text: str) -> tuple[float, ...]:
 
 def _cmd_search(args) -> int:
     from .pareto import write_pareto
-    from .search import SearchConfig, search
+    from .study import SearchConfig, search
 
     base = config_from_args(args)
     objectives = tuple(o.strip() for o in args.objectives.split(",") if o.strip())
@@ -80,7 +80,7 @@ def _cmd_pareto(args) -> int:
     import optuna
 
     from .pareto import write_pareto
-    from .search import SearchError
+    from .study import SearchError
 
     storage, study_name = args.storage, args.study
     if args.run_dir:

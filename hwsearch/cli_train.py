@@ -11,6 +11,10 @@ from .cli_args import add_run_arguments, bits, config_from_args, default_out, po
 from .units import format_si
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def _cmd_run(args) -> int:
     from .run import run
     from .train import NonFiniteLoss
@@ -29,10 +33,12 @@ def _cmd_run(args) -> int:
         return 130
     m, plan = result.metrics, result.plan
     totals = plan["totals"]
-    print(f"FP32 top-1     {m['fp32_top1']:.4f}")
+    name = "top-1" if m["metric"] == "top1" else m["metric"]
+    given = "  (your weights, as given)" if config.weights else ""
+    print(f"{'FP32 ' + name:<14} {m['fp32_top1']:.4f}{given}")
     if "search_top1" in m:
-        print(f"search top-1   {m['search_top1']:.4f}  (end of bit learning, {config.learning_epochs} epochs)")
-    print(f"plan top-1     {m['top1']:.4f}  ({m['allocator']} plan trained {config.epochs} epochs at fixed bits)")
+        print(f"{'search ' + name:<14} {m['search_top1']:.4f}  (end of bit learning, {_epochs(config.learning_epochs)})")
+    print(f"{'plan ' + name:<14} {m['top1']:.4f}  ({m['allocator']} plan trained {_epochs(config.epochs)} at fixed bits)")
     units = {"bitops": "BitOps", "memory": "B"}
     shown = set()
     for name, budget in config.budgets.items():
@@ -58,10 +64,11 @@ def _cmd_apply(args) -> int:
 
     plan = load_plan(args.plan, check_totals=False)  # verify_plan checks the layers against the model first
     result = verify_plan(plan, epochs=args.epochs, device=args.device, progress=not args.quiet, out=args.out,
-                         source=args.plan)
-    print(f"plan top-1 (recorded) {result['plan_top1']:.4f}")
-    print(f"re-trained top-1      {result['top1']:.4f}  ({result['epochs']} epochs at the plan's bits)")
-    print(f"FP32 top-1            {result['fp32_top1']:.4f}")
+                         source=args.plan, weights=args.weights)
+    name = "top-1" if result["metric"] == "top1" else result["metric"]
+    print(f"{f'plan {name} (recorded)':<22} {result['plan_top1']:.4f}")
+    print(f"{f're-trained {name}':<22} {result['top1']:.4f}  ({_epochs(result['epochs'])} at the plan's bits)")
+    print(f"{f'FP32 {name}':<22} {result['fp32_top1']:.4f}")
     return 0
 
 
@@ -76,18 +83,27 @@ def _cmd_export(args) -> int:
     from .train import evaluate
 
     run_dir = Path(args.run_dir)
-    model, plan = load_quantized(run_dir, with_plan=True)
+    model, plan = load_quantized(run_dir, model=args.model, with_plan=True)
     out = Path(args.out) if args.out else run_dir / "model.onnx"
-    info = export_onnx(model, plan, out)
-    print(f"written        {out} ({info['bytes']:,} bytes; with float weights: {info['float_bytes']:,} bytes)")
-    if args.verify:
+    data = None
+    if args.verify:  # everything that can fail comes before the file is written
+        if plan["metrics"].get("metric", "top1") != "top1":
+            raise ValueError(f"--verify: this run's metric is {plan['metrics']['metric']!r} (a Python eval_fn); "
+                             f"the command line verifies top-1 only: compare outputs in Python instead")
         cfg_path = run_dir / "config.json"
         fields = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         known = {k: v for k, v in fields.items() if k in RunConfig.__dataclass_fields__}
         cfg = RunConfig(**{**known, "model": plan["model"], "dataset": plan["dataset"], "budgets": {}})
-        data = load_data(cfg, torch.device("cpu"))
+        try:
+            data = load_data(cfg, torch.device("cpu"))
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"--verify: cannot rebuild the run's dataset {plan['dataset']!r} "
+                             f"({exc.args[0] if exc.args else exc}); nothing was written") from None
+    info = export_onnx(model, plan, out)
+    print(f"written        {out} ({info['bytes']:,} bytes; with float weights: {info['float_bytes']:,} bytes)")
+    if data is not None:
         print(f"plan top-1     {plan['metrics'].get('top1', float('nan')):.4f}  (recorded in the plan)")
-        print(f"PyTorch top-1  {evaluate(model, data):.4f}  (model.pt, {len(data.y_test)} test images)")
+        print(f"PyTorch top-1  {evaluate(model, data):.4f}  (model.pt, the run's test images)")
         print(f"ONNX top-1     {onnx_top1(out, data):.4f}  (onnxruntime on the CPU, same images)")
     return 0
 
@@ -102,6 +118,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("apply", help="validate a plan, re-train at its bits, report top-1")
     p.add_argument("plan", help="a hwsearch.plan/v1 JSON file")
     p.add_argument("--epochs", type=positive_int, help="default: the epochs recorded in the plan")
+    p.add_argument("--weights", metavar="FILE",
+                   help="the FP32 weights file the plan was made from (default: the path it records; its sha256 "
+                        "must match)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="directory for verify.json")
     p.add_argument("--quiet", action="store_true")
@@ -111,6 +130,8 @@ def add_commands(sub) -> None:
     p.add_argument("run_dir", help="a run directory holding model.pt (from hwsearch run or apply --out)")
     p.add_argument("--format", choices=["onnx"], required=True, help="output format (onnx)")
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
+    p.add_argument("--model", help="package.module:factory that builds the float model, for a plan whose model "
+                                   "cannot be built by its recorded name (default: the plan's model)")
     p.add_argument("--verify", action="store_true",
                    help="run the graph with onnxruntime on the run's test split; print its top-1 beside PyTorch's")
     p.set_defaults(handler=_cmd_export)

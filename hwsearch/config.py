@@ -6,15 +6,25 @@ from dataclasses import asdict, dataclass, field
 
 from cost_models import get_cost_model
 
-__all__ = ["ALLOCATORS", "RunConfig"]
+__all__ = ["ALLOCATORS", "RunConfig", "default_epochs"]
 
 ALLOCATORS = ("sinareq", "hessian", "measured")
 
 
+def default_epochs(dataset: str) -> int:
+    """Epochs of training a plan when none are given: 30 on the digits (1,437 small images: an epoch
+    takes about a second), 10 otherwise."""
+    return 30 if dataset == "digits" else 10
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = "resnet20"            # registered, torchvision, or package.module:factory
-    dataset: str = "digits"            # digits | cifar10 | svhn | imagefolder:PATH
+    model: str = "resnet20"            # registered, torchvision, or package.module:factory (with a model
+                                       # object: the name plans record)
+    dataset: str = "digits"            # digits | cifar10 | svhn | imagefolder:PATH (with data objects: the name recorded)
+    weights: str | None = None         # FP32 weights file (a state_dict) used as given: no FP32 training
+    input_mean: tuple[float, ...] | None = None  # input normalization (x/255 - mean)/std per channel; None: the
+    input_std: tuple[float, ...] | None = None   # dataset's own statistics; (0,) and (1,): pixels in [0, 1]
     budgets: dict[str, float] = field(default_factory=dict)  # cost model name -> hard cap (e.g. {"bitops": 5e8})
     cost_model: str = "bitops"         # the cost behind bit pressure (and the search's cost objective)
     quantizer: str = "dorefa"          # weight quantizer: dorefa | wrpn
@@ -34,7 +44,8 @@ class RunConfig:
     measured_batches: int = 8          # measured allocator: training batches each layer's loss increase is taken on
     measured_qat_epochs: int = 0       # measured allocator: 0 measures on the FP32 checkpoint; N > 0 first trains
                                        # N epochs at the uniform bits the budget affords and measures there
-    epochs: int = 10                   # epochs of training the plan at fixed bits (as a uniform baseline gets)
+    epochs: int | None = None          # epochs of training the plan at fixed bits (as a uniform baseline gets);
+                                       # None: 30 on digits (small, quick epochs), 10 otherwise (the CLI's default too)
     plan_lambda_w: float = 0.0         # regularizer strength while training a chosen plan (0: plain QAT, as uniform)
     freeze_at: float = 0.8             # fraction of steps after which bits are rounded and frozen
     reg_start: float = 0.2             # schedule: strengths switch on around this fraction of steps
@@ -58,6 +69,27 @@ class RunConfig:
     compile: bool = False              # torch.compile the training forward (fuses fake-quant kernels on GPU)
 
     def __post_init__(self) -> None:
+        for name, hint in (("model", "to quantize a model object, call hwsearch.quantize(model, train, test, ...)"),
+                           ("dataset", "to use a Dataset or DataLoader, call hwsearch.quantize(model, train, test, ...)")):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: RunConfig takes a name, got a {type(getattr(self, name)).__name__}; {hint}")
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", default_epochs(self.dataset))
+        for name in ("input_mean", "input_std"):  # lists from config.json become tuples
+            v = getattr(self, name)
+            if v is not None:
+                try:
+                    object.__setattr__(self, name, tuple(float(x) for x in v))
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name}: expected numbers, one per channel, got {v!r}") from None
+        if (self.input_mean is None) != (self.input_std is None):
+            raise ValueError("input_mean/input_std: give both, or neither (the dataset's own statistics)")
+        if self.input_mean is not None:
+            if not self.input_mean or len(self.input_mean) != len(self.input_std):
+                raise ValueError(f"input_mean/input_std: need one value per channel in each, got "
+                                 f"{len(self.input_mean)} and {len(self.input_std)}")
+            if not all(s > 0 for s in self.input_std):
+                raise ValueError(f"input_std: every value must be > 0, got {self.input_std}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
         if self.beta_update not in ("adam", "shared"):

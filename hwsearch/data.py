@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from cost_models import Registry
 
-__all__ = ["DatasetUnavailable", "TensorData", "cache_dir", "datasets", "load_dataset"]
+__all__ = ["DatasetUnavailable", "TensorData", "cache_dir", "check_score", "datasets", "load_dataset"]
 
 
 class DatasetUnavailable(RuntimeError):
@@ -37,10 +37,16 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class TensorData:
-    """A whole image-classification dataset as tensors.
+    """A whole image-classification dataset as tensors: one of the two sources of batches that every
+    phase reads (the other is ``hwsearch.loaders.LoaderData``, over a user's Dataset or DataLoader).
 
     ``x_*`` are uint8 ``[N, C, H, W]``, ``y_*`` int64 ``[N]``. ``pad`` and ``flip`` set the
     training augmentation (random crop with ``pad`` pixels of zero padding, horizontal flip).
+    ``loss_fn(output, target)`` and ``eval_fn(model) -> float`` (higher is better), when given,
+    replace cross-entropy and top-1; ``metric`` names what ``score`` returns.
+
+    The interface every phase uses: ``train_batches``, ``test_batches``, ``steps_per_epoch``,
+    ``calibration_batch``, ``loss``, ``score``, ``input_shape``, ``device``, ``num_classes``.
     """
 
     name: str
@@ -53,6 +59,9 @@ class TensorData:
     std: tuple[float, ...]
     pad: int = 4
     flip: bool = True
+    loss_fn: Callable | None = None
+    eval_fn: Callable | None = None
+    metric: str = "top1"
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -110,6 +119,66 @@ class TensorData:
     def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.y_test), batch_size):
             yield self.normalize(self.x_test[i:i + batch_size]), self.y_test[i:i + batch_size]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches in one epoch of ``train_batches`` (the last partial batch is dropped)."""
+        return max(1, len(self.y_train) // batch_size)
+
+    def calibration_batch(self, batch_size: int) -> torch.Tensor:
+        """The first ``batch_size`` training inputs, normalized, unaugmented (PACT clips start from it)."""
+        return self.normalize(self.x_train[:batch_size])
+
+    @property
+    def preprocessing(self) -> dict:
+        """How a raw uint8 image becomes the model's input: ``(x/255 - mean)/std``, channels in order."""
+        return {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std),
+                "input_shape": list(self.input_shape), "channels": "RGB" if self.x_train.shape[1] == 3 else "L",
+                "layout": "NCHW"}
+
+    def loss(self, output, target) -> torch.Tensor:
+        return F.cross_entropy(output, target) if self.loss_fn is None else self.loss_fn(output, target)
+
+    def score(self, model) -> float:
+        """The metric on the test split (higher is better): ``eval_fn(model)``, or top-1 in [0, 1]."""
+        return score(self, model)
+
+
+@torch.no_grad()
+def top1(model, batches) -> float:
+    """Top-1 accuracy of ``model`` over ``(input, target)`` batches, in [0, 1]; one host sync at the end."""
+    correct, count = None, 0
+    for x, y in batches:
+        hits = (model(x).argmax(1) == y).sum()
+        correct = hits if correct is None else correct + hits
+        count += len(y)
+    if not count:
+        raise ValueError("test data: no test samples")
+    return float(correct) / count
+
+
+def check_score(value, what: str = "eval_fn") -> float:
+    """A metric value as a finite float, or a ValueError that says what came back."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{what}: must return a number (higher is better), got {type(value).__name__}")
+    if not np.isfinite(float(value)):
+        raise ValueError(f"{what}: returned {float(value)}; it must return a finite number (higher is better)")
+    return float(value)
+
+
+def score(data, model) -> float:
+    """``data.eval_fn(model)`` (checked to be a finite number) or top-1 on ``data``'s test batches,
+    with the model in eval mode; the model's mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        if data.eval_fn is not None:
+            with torch.no_grad():
+                return check_score(data.eval_fn(model))
+        return top1(model, data.test_batches())
+    finally:
+        model.train(was)
 
 
 datasets: Registry = Registry("dataset")

@@ -35,8 +35,10 @@ __all__ = ["Sensitivity", "hessian_bits", "hutchinson_traces", "measured_sensiti
 
 
 def hutchinson_traces(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
-                      samples: int = 16, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
-    """Hutchinson estimates of the Hessian trace of the cross-entropy loss in each named module's
+                      samples: int = 16, seed: int = 0,
+                      loss_fn=None) -> tuple[dict[str, float], dict[str, float]]:
+    """Hutchinson estimates of the Hessian trace of the loss (``loss_fn(output, target)``, default
+    cross-entropy) in each named module's
     weight and in its input tensor, averaged over ``batches`` and ``samples`` Rademacher vectors.
 
     The model runs in eval mode (batch norm as an affine map, as HAWQ does). A module's input gets
@@ -66,7 +68,7 @@ def hutchinson_traces(model: nn.Module, names: Sequence[str], batches: Sequence[
             handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n))
                        for n, m in zip(names, targets)]
             try:
-                loss = F.cross_entropy(model(x), y)
+                loss = (loss_fn or F.cross_entropy)(model(x), y)
             finally:
                 for h in handles:
                     h.remove()
@@ -143,11 +145,11 @@ def _errors(model: nn.Module, names: Sequence[str], x: torch.Tensor, quantizer: 
 
 def sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
                 quantizer: str | WeightQuantizer, bits: Sequence[int], samples: int = 16,
-                seed: int = 0) -> Sensitivity:
+                seed: int = 0, loss_fn=None) -> Sensitivity:
     """Ω of every named layer at every bitwidth in ``bits`` (HAWQ-V2's Tr(H)/n · ||ΔQ||²), for its
     weights and its input activation, on a float model."""
     q = weight_quantizers.get(quantizer) if isinstance(quantizer, str) else quantizer
-    tw, ta = hutchinson_traces(model, names, batches, samples=samples, seed=seed)
+    tw, ta = hutchinson_traces(model, names, batches, samples=samples, seed=seed, loss_fn=loss_fn)
     modules = dict(model.named_modules())
     x0 = batches[0][0]
     ew, ea, numel_in = _errors(model, names, x0, q, bits)
@@ -209,15 +211,19 @@ def solve_bits(options: Sequence[Sequence[tuple[int, int]]], objective: Sequence
     raise InfeasibleBudget("the integer program kept returning choices just over a budget")
 
 
-def _mean_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean cross-entropy of ``model`` (as it is set now) over every sample of ``batches``."""
-    total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
-    return float(total) / sum(len(y) for _, y in batches)
+def _mean_loss(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], loss_fn=None) -> float:
+    """Mean loss of ``model`` (as it is set now) over every sample of ``batches``: cross-entropy, or the
+    user's ``loss_fn`` (a batch mean) weighted by each batch's size."""
+    if loss_fn is None:
+        total = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in batches)
+    else:
+        total = sum(loss_fn(model(x), y) * len(x) for x, y in batches)
+    return float(total) / sum(len(x) for x, _ in batches)
 
 
 @torch.no_grad()
 def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                         *, quantizer: str | WeightQuantizer, bits: Sequence[int]) -> Sensitivity:
+                         *, quantizer: str | WeightQuantizer, bits: Sequence[int], loss_fn=None) -> Sensitivity:
     """Ω of every named layer at every bitwidth in ``bits``, measured instead of modelled: the increase
     of the mean cross-entropy over ``batches`` when that layer alone has its weights (or, separately,
     its input) quantized at that bitwidth, every other layer in float (eval mode).
@@ -235,7 +241,7 @@ def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequen
     model.eval()
 
     def loss() -> float:
-        return _mean_loss(model, batches)
+        return _mean_loss(model, batches, loss_fn)
 
     first = _layer_inputs(model, names, batches[0][0])
     weight: dict[str, dict[int, float]] = {}
@@ -279,7 +285,7 @@ def measured_sensitivity(model: nn.Module, names: Sequence[str], batches: Sequen
 
 @torch.no_grad()
 def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                                 *, bits: Sequence[int]) -> Sensitivity:
+                                 *, bits: Sequence[int], loss_fn=None) -> Sensitivity:
     """Ω of every quantized layer at every bitwidth in ``bits``, measured on a model already trained
     quantized (at uniform bits b0): the change of the mean cross-entropy over ``batches`` when that
     layer alone has its weight bitwidth (or, separately, its input's) set to b, every other layer at
@@ -298,7 +304,7 @@ def measured_sensitivity_trained(model: nn.Module, layers: dict, batches: Sequen
     model.eval()
 
     def loss() -> float:
-        return _mean_loss(model, batches)
+        return _mean_loss(model, batches, loss_fn)
 
     weight: dict[str, dict[int, float]] = {}
     act: dict[str, dict[int, float]] = {}
@@ -378,7 +384,8 @@ def plan_bits(table: LayerTable, space: BitSpace, w_fixed: Sequence[float], a_fi
 def hessian_bits(model: nn.Module, table: LayerTable, names: Sequence[str], space: BitSpace,
                  w_fixed: Sequence[float], a_fixed: Sequence[float], budgets: Sequence[tuple[CostModel, float]],
                  batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, quantizer: str, samples: int = 16,
-                 seed: int = 0, measured: bool = False, tie: bool = False) -> tuple[tuple[list[int], list[int]], Sensitivity]:
+                 seed: int = 0, measured: bool = False, tie: bool = False,
+                 loss_fn=None) -> tuple[tuple[list[int], list[int]], Sensitivity]:
     """Integer bits per table row that minimize Σ Ω within every budget, Ω from Hessian traces
     (``sensitivity``) or, with ``measured``, from the loss itself (``measured_sensitivity``); ``tie``:
     one bitwidth per layer for its weights and its input.
@@ -388,7 +395,8 @@ def hessian_bits(model: nn.Module, table: LayerTable, names: Sequence[str], spac
     """
     bits = tuple(range(space.b_min, space.b_max + 1))
     if measured:
-        sens = measured_sensitivity(model, names, batches, quantizer=quantizer, bits=bits)
+        sens = measured_sensitivity(model, names, batches, quantizer=quantizer, bits=bits, loss_fn=loss_fn)
     else:
-        sens = sensitivity(model, names, batches, quantizer=quantizer, bits=bits, samples=samples, seed=seed)
+        sens = sensitivity(model, names, batches, quantizer=quantizer, bits=bits, samples=samples, seed=seed,
+                           loss_fn=loss_fn)
     return plan_bits(table, space, w_fixed, a_fixed, budgets, sens, tie=tie), sens

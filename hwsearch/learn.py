@@ -9,7 +9,8 @@ The plan is then trained at fixed bits by ``hwsearch.run.train_plan``, as any ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -26,7 +27,8 @@ from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, proje
 from .sinareq import accuracy_cost, bit_pressure, budget_penalty, strength
 from .train import StepHook, fit, resolve_device
 
-__all__ = ["Prepared", "calibrate", "learn_bits", "load_data", "measure_omega", "prepare", "quantize_prepared"]
+__all__ = ["Prepared", "build_model", "calibrate", "learn_bits", "load_data", "measure_omega", "prepare",
+           "quantize_prepared"]
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Prepared:
     a_init: list[float]
     device: torch.device
     float_bits: torch.Tensor | None = None  # 32, the bits of a layer left in float: made once, on the device
+    pretrained: dict | None = None  # the FP32 start as given ({"source", and for a file "path", "sha256"}); None:
+                                    # hwsearch trains (and caches) the FP32 checkpoint
 
     def __post_init__(self) -> None:
         if self.float_bits is None:
@@ -50,26 +54,66 @@ class Prepared:
 
 
 def load_data(config: RunConfig, device: torch.device) -> TensorData:
-    """The configured dataset (and fixed subset) on ``device``."""
+    """The configured dataset (and fixed subset) on ``device``, normalized with ``config.input_mean``/
+    ``input_std`` when given (the statistics the user's weights were trained with)."""
     data = load_dataset(config.dataset)
     if config.max_train or config.max_test:
         data = data.subset(config.max_train, config.max_test, seed=0)
+    if config.input_mean is not None:
+        channels = data.input_shape[1]
+        for name in ("input_mean", "input_std"):
+            if len(getattr(config, name)) not in (1, channels):
+                raise ValueError(f"{name}: {len(getattr(config, name))} values for {channels}-channel images "
+                                 f"(give one, or one per channel)")
+        data = replace(data, mean=config.input_mean, std=config.input_std)
     return data.to(device)
 
 
-def prepare(config: RunConfig) -> Prepared:
+def build_model(config: RunConfig, data, model: nn.Module | None = None) -> tuple[nn.Module, dict | None]:
+    """The run's FP32 model on the data's device: a copy of ``model`` when given (the user's object is never
+    changed), else built by ``config.model``; then ``config.weights`` loaded into it when given.
+
+    Returns:
+        The model, and what the FP32 start is when it is used as given (``{"source": "object"}``, or the
+        weights file's path and sha256), None when hwsearch is to train it.
+    """
+    torch.manual_seed(config.seed)
+    pretrained = None
+    if model is not None:
+        model = copy.deepcopy(model).float()
+        pretrained = {"source": "object"}
+    else:
+        model = create_model(config.model, num_classes=data.num_classes or 10, in_channels=data.input_shape[1])
+    if config.weights:
+        from .weights import load_weights
+
+        pretrained = {"source": "file", **load_weights(model, config.weights)}
+    return model.to(data.device), pretrained
+
+
+def prepare(config: RunConfig, *, model: nn.Module | None = None, data=None) -> Prepared:
     """Load data, build and profile the model, fix the bit space, and check that the budgets are
     attainable, all before any training.
 
+    Args:
+        model: the user's FP32 model, used as given (a copy; not retrained). Default: built by name.
+        data: a source of batches (``TensorData`` or ``hwsearch.loaders.LoaderData``). Default: loaded
+            by ``config.dataset``.
+
     Raises:
         InfeasibleBudget: a budget below the all-minimum cost (the message names the minimum).
+        ValueError: weights that do not fit the model, data that cannot be read.
     """
     device = resolve_device(config.device)
-    data = load_data(config, device)
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
+    if data is None:
+        data = load_data(config, device)
+    else:
+        if config.input_mean is not None and not isinstance(data, TensorData):
+            raise ValueError("input_mean/input_std: apply to datasets hwsearch loads by name; a Dataset or "
+                             "DataLoader of your own prepares its inputs itself")
+        data = data.to(device)
+    model, pretrained = build_model(config, data, model)
     table = profile(model, data.input_shape)
-    model.to(device)
     modules = dict(model.named_modules())
     quantizable = [layer.name for layer in table.layers
                    if layer.has_weight and isinstance(modules.get(layer.name), (nn.Conv2d, nn.Linear))]
@@ -108,7 +152,7 @@ def prepare(config: RunConfig) -> Prepared:
             c = m(table, w_init, a_init)
             if c > b:
                 raise ValueError(f"budget {m.name}={b:.4g}: fixed {config.fixed_bits}-bit plan costs {c:.4g} {m.unit}")
-    return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device)
+    return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device, pretrained=pretrained)
 
 
 def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,9 +198,9 @@ def quantize_prepared(prep: Prepared, w: list[float], a: list[float], *, freeze:
     return layers
 
 
-def calibrate(model: nn.Module, data: TensorData, batch_size: int) -> None:
+def calibrate(model: nn.Module, data, batch_size: int) -> None:
     """One forward pass on the first training batch fixes every PACT clip's start and sign."""
-    x = data.normalize(data.x_train[:batch_size])
+    x = data.calibration_batch(batch_size)
     with torch.no_grad():
         was = model.training
         model.eval()
@@ -173,7 +217,8 @@ def measure_omega(prep: Prepared, batches: list[tuple[torch.Tensor, torch.Tensor
 
     cfg, space = prep.config, prep.space
     bits = tuple(range(cfg.b_min, cfg.b_max + 1))
-    sens = measured_sensitivity(prep.model, prep.quantizable, batches, quantizer=cfg.quantizer, bits=bits)
+    sens = measured_sensitivity(prep.model, prep.quantizable, batches, quantizer=cfg.quantizer, bits=bits,
+                                loss_fn=prep.data.loss_fn)
     rows_w, rows_a = [], []
     for i, name in enumerate(prep.table.names):
         for rows, table, free in ((rows_w, sens.weight, space.free_w[i]), (rows_a, sens.act, space.free_a[i])):

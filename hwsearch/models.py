@@ -187,7 +187,13 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 def _user_factory(spec: str) -> Callable[..., nn.Module]:
+    import os
+    import sys
+
     module_name, _, attr = spec.partition(":")
+    # As `python -m` does, look in the current directory first, so `--model mynet:make` finds ./mynet.py.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code

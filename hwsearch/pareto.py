@@ -84,7 +84,7 @@ def baselines_frame(study) -> pd.DataFrame:
     rows = [{"label": b["label"], **dict(zip(names, b["values"]))} for b in stored]
     if "fp32" in attrs:
         rows.append({"label": "FP32", **dict(zip(names, attrs["fp32"]["values"]))})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["label", *names])  # the columns even without baselines (--no-baselines)
 
 
 def _minimized(df: pd.DataFrame, objectives: list[str]) -> np.ndarray:
@@ -201,7 +201,10 @@ def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     directory = path if path.is_dir() else path.parent
     trials = pd.read_csv(directory / "trials.csv" if path.is_dir() else path)
     base_path = directory / "baselines.csv"
-    baselines = pd.read_csv(base_path) if base_path.exists() else pd.DataFrame()
+    try:
+        baselines = pd.read_csv(base_path) if base_path.exists() else pd.DataFrame()
+    except pd.errors.EmptyDataError:  # a study without baselines (--no-baselines)
+        baselines = pd.DataFrame()
     meta = directory / "front.json"
     objectives = json.loads(meta.read_text())["objectives"] if meta.exists() else \
         [c for c in trials.columns if c == "top1"] + [c for c in trials.columns
@@ -222,14 +225,20 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
     trials = trials_frame(study)
     baselines = baselines_frame(study)
     f = front(trials, objectives) if not trials.empty else trials
-    ref = reference_point(baselines, objectives) if not baselines.empty else None
+    # The hypervolume's reference is top-1 0 (error 1): it has a meaning for top-1, not for a metric of
+    # the user's (an eval_fn), whose range hwsearch does not know; nor without baselines.
+    metric = study.user_attrs.get("metric", "top1")
+    ref = reference_point(baselines, objectives) if not baselines.empty and metric == "top1" else None
     summary = {"study": study.study_name, "objectives": objectives,
                "completed": int((trials["state"] == "COMPLETE").sum()) if not trials.empty else 0,
                "front_size": len(f), "reference_point": ref,
                "hypervolume": _hv(f, objectives, ref) if ref else None,
                "baseline_hypervolume": _hv(baselines[baselines.label != "FP32"], objectives, ref) if ref else None,
-               "hypervolume_note": "objectives as minimization (1 - top1, cost / reference cost); "
-                                   "reference: top-1 0 and the uniform W8A8 cost",
+               "hypervolume_note": ("objectives as minimization (1 - top1, cost / reference cost); "
+                                    "reference: top-1 0 and the uniform W8A8 cost") if ref else
+                                   ("not available: " + ("the study has no uniform baselines" if baselines.empty
+                                                         else f"the metric is {metric!r}, not top-1")),
+               "metric": metric,
                "layers": study.user_attrs.get("layers"),
                "front": [{k: v for k, v in row.items() if k not in ("w_bits", "a_bits")} for row in f.to_dict("records")]}
     trials.to_csv(out / "trials.csv", index=False)
@@ -250,7 +259,7 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
             fig.tight_layout()
             fig.savefig(out / "hypervolume.png", dpi=110)
     if export_plans:
-        from .search import plan_of_trial, study_table
+        from .study import plan_of_trial, study_table
 
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         table = study_table(study) if len(f) else None  # profiled once for every plan

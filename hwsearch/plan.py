@@ -54,8 +54,16 @@ _JSON_SCHEMA = {
 
 def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int], a_bits: list[int],
                quantizer: str, cost_model: str, budget: Mapping[str, float], metrics: Mapping[str, Any],
-               seed: int, hyperparameters: Mapping[str, Any]) -> dict:
-    """A plan dict (schema v1) for integer bits on ``table``."""
+               seed: int, hyperparameters: Mapping[str, Any], preprocessing: Mapping[str, Any] | None = None,
+               weights: Mapping[str, Any] | None = None) -> dict:
+    """A plan dict (schema v1) for integer bits on ``table``.
+
+    Args:
+        preprocessing: how a raw image becomes the model's input (``TensorData.preprocessing``); None when
+            the user's own loader prepares inputs.
+        weights: the FP32 start when it was given rather than trained (a file's path and sha256, or a
+            model object), recorded in the provenance so that ``apply`` starts from the same weights.
+    """
     import torch
 
     from . import __version__
@@ -70,9 +78,11 @@ def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int]
         "totals": {k: totals[k] for k in ("macs", "bitops", "bitops_fp32", "weight_bytes", "other_bytes",
                                           "avg_weight_bits")},
         "metrics": dict(metrics),
+        "preprocessing": dict(preprocessing) if preprocessing is not None else None,
         "provenance": {"hwsearch": __version__, "torch": str(torch.__version__), "seed": seed,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "hyperparameters": dict(hyperparameters)},
+                       "hyperparameters": dict(hyperparameters),
+                       **({"weights": dict(weights)} if weights is not None else {})},
     }
 
 

@@ -9,6 +9,7 @@ a uniform plan (``fixed_bits``) goes through exactly the same ``train_plan``. ``
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -20,17 +21,26 @@ from torch import nn
 
 from cost_models import LayerTable, get_cost_model, profile
 
+from .checkpoint import apply_plan, save_quantized
 from .config import RunConfig
-from .costs import FLOAT_BITS
 from .data import TensorData
 from .fused import stack_scalars
-from .learn import Prepared, calibrate, learn_bits, load_data, measure_omega, prepare, quantize_prepared
-from .models import create_model
+from .learn import (
+    Prepared,
+    build_model,
+    calibrate,
+    learn_bits,
+    load_data,
+    measure_omega,
+    prepare,
+    quantize_prepared,
+)
 from .plan import build_plan, check_plan_matches, check_plan_totals, save_plan
-from .quant import quant_layers, quantize_model, take_penalties
+from .quant import take_penalties
 from .rounding import project_to_budgets
 from .sinareq import strength
 from .train import StepHook, evaluate, fit, fp32_checkpoint, recalibrate_bn, resolve_device
+from .weights import file_sha256
 
 __all__ = ["RunResult", "allocate", "apply_plan", "fit_plan", "prepare", "quantize_plan", "run", "train_plan",
            "verify_plan"]
@@ -144,7 +154,7 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
 
         b0, layers = _train_uniform(prep, budgets, progress=progress, history=history)
         sens = measured_sensitivity_trained(prep.model, layers, _train_batches(prep, cfg.measured_batches),
-                                            bits=tuple(range(cfg.b_min, cfg.b_max + 1)))
+                                            bits=tuple(range(cfg.b_min, cfg.b_max + 1)), loss_fn=prep.data.loss_fn)
         w, a = plan_bits(prep.table, prep.space, prep.w_init, prep.a_init, budgets, sens, tie=cfg.tie_bits)
         out["measured_loss_increase"] = _measured_record(sens)
         out["measured_at_uniform_bits"] = b0
@@ -155,7 +165,7 @@ def allocate(prep: Prepared, *, progress: bool = False, history: list[dict] | No
         batches = _train_batches(prep, cfg.measured_batches if measured else cfg.hessian_batches)
         (w, a), sens = hessian_bits(prep.model, prep.table, prep.quantizable, prep.space, prep.w_init, prep.a_init,
                                     budgets, batches, quantizer=cfg.quantizer, samples=cfg.hessian_samples,
-                                    seed=cfg.seed, measured=measured, tie=cfg.tie_bits)
+                                    seed=cfg.seed, measured=measured, tie=cfg.tie_bits, loss_fn=prep.data.loss_fn)
         if measured:
             out["measured_loss_increase"] = _measured_record(sens)
         else:
@@ -185,35 +195,59 @@ def _u_values(model: nn.Module, name: str, quantizer: str) -> list[float]:
         return q.normalize(w, torch.tensor(q.init_scale(w))).flatten().cpu().tolist()
 
 
-def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = False) -> RunResult:
-    """Choose a plan (``config.allocator``; uniform bits with ``config.fixed_bits``), train it at fixed
-    bits from the FP32 checkpoint, and return it with its top-1.
+def _fp32_start(config: RunConfig, model: nn.Module, data, pretrained: dict | None, progress: bool) -> dict:
+    """The FP32 starting point in ``model``: the user's model or weights as given (``pretrained``: scored,
+    not trained, nothing cached), or hwsearch's cached checkpoint (trained when absent).
+    Returns ``{"top1", and "path" for a checkpoint}``."""
+    if pretrained is not None:
+        return {"top1": evaluate(model, data)}
+    return fp32_checkpoint(config.model, model, data, epochs=config.fp32_epochs,
+                           seed=config.checkpoint_seed, lr=config.lr_fp32, batch_size=config.batch_size,
+                           progress=progress)
 
-    With ``out``, writes the run directory: config.json, plan.json/plan.csv (atomically, only on
-    success), metrics.json, history.csv and plots. On Ctrl-C or a non-finite loss, metrics.json
-    records the status and no plan is written; the exception propagates.
+
+def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: str | Path | None = None,
+        progress: bool = False) -> RunResult:
+    """Choose a plan (``config.allocator``; uniform bits with ``config.fixed_bits``), train it at fixed
+    bits from the FP32 start, and return it with its metric (top-1 unless the data carries an ``eval_fn``).
+
+    Args:
+        model: the user's FP32 model, used as given (a copy; the object is not changed, not retrained).
+            Default: built by ``config.model``, its weights from ``config.weights`` or hwsearch's cached
+            FP32 checkpoint.
+        data: a source of batches (``TensorData``, or ``hwsearch.loaders.LoaderData`` over a user's Dataset
+            or DataLoader). Default: ``config.dataset`` by name.
+        out: with it, writes the run directory: config.json, plan.json/plan.csv (atomically, only on
+            success), model.pt, metrics.json, history.csv and plots. On Ctrl-C or a non-finite loss,
+            metrics.json records the status and no plan is written; the exception propagates.
     """
     t_start = time.time()
     run_dir = Path(out) if out else None
-    prep = prepare(config)
+    prep = prepare(config, model=model, data=data)
+    metric = prep.data.metric
+    # A given FP32 model is scored before anything is written: a broken eval_fn or loader fails here.
+    ck = _fp32_start(config, prep.model, prep.data, prep.pretrained, progress) if prep.pretrained else None
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "config.json", {**config.to_dict(), "resolved_device": str(prep.device)})
-    metrics: dict = {"status": "running", "allocator": "uniform" if config.fixed_bits else config.allocator}
+    metrics: dict = {"status": "running", "allocator": "uniform" if config.fixed_bits else config.allocator,
+                     "metric": metric}
     history: list[dict] = []
     try:
-        ck = fp32_checkpoint(config.model, prep.model, prep.data, epochs=config.fp32_epochs, seed=config.checkpoint_seed,
-                             lr=config.lr_fp32, batch_size=config.batch_size, progress=progress)
+        ck = ck or _fp32_start(config, prep.model, prep.data, prep.pretrained, progress)
         metrics["fp32_top1"] = ck["top1"]
-        metrics["fp32_checkpoint"] = ck["path"]
-        fp32_state = {k: v.detach().clone() for k, v in prep.model.state_dict().items()}
+        if "path" in ck:
+            metrics["fp32_checkpoint"] = ck["path"]
+        else:
+            metrics["fp32_weights"] = prep.pretrained
+        fp32_model = copy.deepcopy(prep.model)
         chosen = allocate(prep, progress=progress, history=history)
         w_bits, a_bits = chosen.pop("w_bits"), chosen.pop("a_bits")
         if "search_top1" in chosen:
             metrics["search_top1"] = chosen.pop("search_top1")
         metrics["allocation"] = chosen
-        # The plan trains from the FP32 checkpoint, on a model built exactly as `apply` builds it.
-        model = prep.model if config.fixed_bits is not None else _fresh_model(config, prep.data, fp32_state)
+        # The plan trains from the FP32 start, on a model built exactly as `apply` builds it.
+        model = prep.model if config.fixed_bits is not None else fp32_model
         free = [n for i, n in enumerate(prep.table.names) if prep.space.free_w[i] and n in prep.quantizable] \
             or list(prep.quantizable)
         hist_layer = max(free, key=lambda n: model.get_submodule(n).weight.numel()) if free else None
@@ -222,17 +256,17 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
                             history=history, desc="train-plan" if config.fixed_bits is None else f"qat-{config.quantizer}")
         top1 = evaluate(model, prep.data)
         metrics.update({"top1": top1, "status": "complete", "seconds": time.time() - t_start})
-        plan = build_plan(model=config.model, dataset=config.dataset, table=prep.table, w_bits=w_bits, a_bits=a_bits,
+        plan = build_plan(model=config.model, dataset=prep.data.name if data is not None else config.dataset,
+                          table=prep.table, w_bits=w_bits, a_bits=a_bits,
                           quantizer=config.quantizer, cost_model=config.cost_model, budget=config.budgets,
-                          metrics={"top1": top1, "fp32_top1": ck["top1"],
+                          metrics={"top1": top1, "fp32_top1": ck["top1"], "metric": metric,
                                    **({"search_top1": metrics["search_top1"]} if "search_top1" in metrics else {})},
-                          seed=config.seed, hyperparameters=config.to_dict())
+                          seed=config.seed, hyperparameters=config.to_dict(),
+                          preprocessing=getattr(prep.data, "preprocessing", None), weights=prep.pretrained)
         for name, value in config.budgets.items():
             metrics[f"cost_{name}"] = get_cost_model(name)(prep.table, w_bits, a_bits)
             metrics[f"budget_{name}"] = value
         if run_dir:
-            from .export import save_quantized
-
             save_plan(plan, run_dir / "plan.json")
             save_quantized(model, plan, run_dir / "model.pt", num_classes=prep.data.num_classes)
             _write_outputs(run_dir, metrics, history)
@@ -243,13 +277,6 @@ def run(config: RunConfig, *, out: str | Path | None = None, progress: bool = Fa
         if run_dir:
             _write_outputs(run_dir, metrics, history)
         raise
-
-
-def _fresh_model(config: RunConfig, data: TensorData, state: dict) -> nn.Module:
-    torch.manual_seed(config.seed)
-    model = create_model(config.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
-    model.load_state_dict(state)
-    return model.to(data.device)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -274,64 +301,63 @@ def _write_plots(run_dir, plan, history, layers, hist_layer, u_before, config) -
     plots.save_run_plots(run_dir, plan, history, layers, hist_layer, u_before, config)
 
 
-def apply_plan(model: nn.Module, plan: dict, *, quantizer: str | None = None, first_layer: str | None = None,
-               check: bool = True) -> dict:
-    """Quantize ``model`` in place at the plan's bits (frozen). Returns the quantized modules by name.
-
-    Args:
-        check: validate the plan against the model's layer table first (``False`` for a plan made from
-            that very table, which needs only ``layers`` and ``quantizer``).
-
-    Raises:
-        PlanError: when the plan does not fit the model.
-    """
-    if check:
-        check_plan_matches(plan, profile(model, tuple(plan["input_shape"])))
-    modules = dict(model.named_modules())
-    names = [layer["name"] for layer in plan["layers"]
-             if isinstance(modules.get(layer["name"]), (nn.Conv2d, nn.Linear))
-             and layer["weight_bits"] is not None and layer["weight_bits"] < FLOAT_BITS]
-    by_name = {layer["name"]: layer for layer in plan["layers"]}
-    quantize_model(model, names, quantizer=quantizer or plan["quantizer"]["weights"],
-                   w_bits={n: by_name[n]["weight_bits"] for n in names},
-                   a_bits={n: by_name[n]["act_bits"] for n in names},
-                   first_layer=first_layer if first_layer is not None else (names[0] if names else None))
-    layers = quant_layers(model)
-    for m in layers.values():
-        m.w_beta.requires_grad_(False)
-        m.a_beta.requires_grad_(False)
-    return layers
+def _recorded_weights(plan: dict, weights: str | None) -> str | None:
+    """The weights file a plan's run started from (``weights`` overrides its path), checked to hold the
+    same bytes (sha256) as the file the plan records."""
+    recorded = plan["provenance"].get("weights") or {}
+    if recorded.get("source") != "file":
+        if weights:
+            raise ValueError("--weights: this plan was not made from a weights file (its FP32 start was "
+                             + ("a model object" if recorded else "hwsearch's own checkpoint") + ")")
+        if recorded:
+            raise ValueError("apply: this plan started from a model object, not a file; re-apply it from Python "
+                             "with verify_plan(plan, model=..., data=...)")
+        return None
+    path = Path(weights or recorded["path"]).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--weights {path}: no such file (the plan was made from {recorded['path']}; "
+                         f"give its copy with --weights FILE)")
+    digest = file_sha256(path)
+    if digest != recorded["sha256"]:
+        raise ValueError(f"--weights {path}: sha256 {digest[:16]}... differs from the plan's "
+                         f"{recorded['sha256'][:16]}...: not the weights the plan was made from")
+    return str(path)
 
 
 def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", progress: bool = False,
-                out: str | Path | None = None, source: str | Path = "") -> dict:
-    """Train the plan at its bits from the same cached FP32 checkpoint with the recipe recorded in its
-    provenance (``train_plan``, as ``run`` trained it) and report top-1: with the recorded epochs, on
-    the same device type, the run's own top-1 again.
+                out: str | Path | None = None, source: str | Path = "", weights: str | None = None,
+                model: nn.Module | None = None, data=None) -> dict:
+    """Train the plan at its bits from the same FP32 start with the recipe recorded in its provenance
+    (``train_plan``, as ``run`` trained it) and report its metric: with the recorded epochs, on the same
+    device type, the run's own value again.
+
+    Args:
+        weights: the FP32 weights file (default: the path the plan records); its sha256 must match.
+        model, data: the user's model and source of batches, for a plan made from objects.
+
+    Raises:
+        ValueError, PlanError: a plan that does not fit the model, or weights other than the plan's.
     """
     hp = dict(plan["provenance"].get("hyperparameters", {}))
     known = set(RunConfig.__dataclass_fields__)
     cfg = RunConfig(**{k: v for k, v in hp.items() if k in known})
     cfg = replace(cfg, model=plan["model"], dataset=plan["dataset"], device=device, budgets={},
-                  epochs=epochs or cfg.epochs)
+                  epochs=epochs or cfg.epochs,
+                  weights=_recorded_weights(plan, weights) if model is None else cfg.weights)
     dev = resolve_device(device)
-    data = load_data(cfg, dev)
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=data.num_classes, in_channels=data.input_shape[1])
+    data = load_data(cfg, dev) if data is None else data.to(dev)
+    model, pretrained = build_model(cfg, data, model)
     table = profile(model, data.input_shape)
     check_plan_matches(plan, table, source)
     check_plan_totals(plan, source)
-    model.to(dev)
-    ck = fp32_checkpoint(cfg.model, model, data, epochs=cfg.fp32_epochs, seed=cfg.checkpoint_seed, lr=cfg.lr_fp32,
-                         batch_size=cfg.batch_size, progress=progress)
+    ck = _fp32_start(cfg, model, data, pretrained, progress)
     by_name = {layer["name"]: layer for layer in plan["layers"]}
     train_plan(model, data, table, [by_name[n]["weight_bits"] for n in table.names],
                [by_name[n]["act_bits"] for n in table.names], config=cfg, progress=progress, desc="apply")
     top1 = evaluate(model, data)
-    result = {"top1": top1, "plan_top1": plan["metrics"].get("top1"), "fp32_top1": ck["top1"], "epochs": cfg.epochs}
+    result = {"top1": top1, "plan_top1": plan["metrics"].get("top1"), "fp32_top1": ck["top1"], "epochs": cfg.epochs,
+              "metric": data.metric}
     if out:
-        from .export import save_quantized
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         trained = {**plan, "metrics": {**plan["metrics"], "top1": top1}}

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData, cache_dir
 from .optim import OneCycleSGD, ScalarAdam, one_cycle
 from .units import slug
 
-__all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "recalibrate_bn", "resolve_device"]
+__all__ = ["NonFiniteLoss", "StepHook", "evaluate", "fit", "fp32_checkpoint", "model_digest", "recalibrate_bn",
+           "resolve_device"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -40,16 +40,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, batch_size: int = 1000) -> float:
-    """Top-1 accuracy on the test split, in [0, 1]."""
-    was = model.training
-    model.eval()
-    correct = torch.zeros((), device=data.device, dtype=torch.long)
-    for x, y in data.test_batches(batch_size):
-        correct += (model(x).argmax(1) == y).sum()
-    model.train(was)
-    return float(correct) / len(data.y_test)
+def evaluate(model: nn.Module, data) -> float:
+    """The data's metric on its test split (higher is better): top-1 in [0, 1] unless the source
+    carries a user's ``eval_fn``."""
+    return data.score(model)
 
 
 @torch.no_grad()
@@ -144,7 +138,7 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     history = [] if history is None else history
     quant_ids = {id(p) for p in (quant_params or [])}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in quant_ids]
-    steps_per_epoch = max(1, len(data.y_train) // batch_size)
+    steps_per_epoch = data.steps_per_epoch(batch_size)
     total = max(1, epochs * steps_per_epoch)
     sgd = (OneCycleSGD(weights, lr=lr, total=total, weight_decay=weight_decay) if compile
            else _EagerSGD(weights, lr=lr, total=total, weight_decay=weight_decay))
@@ -172,7 +166,7 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     def train_step(x: torch.Tensor, y: torch.Tensor, i) -> dict[str, torch.Tensor]:
         """Forward, loss terms, backward, both optimizers and the projection; returns the step's logs."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(model(x), y)
+            loss = data.loss(model(x), y)
         logs = {"task_loss": loss.detach()}
         if hook and hook.loss:
             extra, extra_logs = hook.loss(i, total)
@@ -250,9 +244,23 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
     return history
 
 
-def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: float, batch_size: int) -> Path:
-    # Keyed by model, dataset (and subset), epochs and seed, and the recipe (lr, batch size).
-    key = json.dumps([model_name, data.name, len(data.y_train), len(data.y_test), epochs, seed, lr, batch_size])
+def model_digest(model: nn.Module) -> str:
+    """A digest of a model's state as built: every tensor's name, shape, dtype and values. Two factories
+    (or one factory changed) that build different initial weights or architectures get different digests."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: float, batch_size: int,
+               init: str = "") -> Path:
+    # Keyed by model (its name and ``model_digest`` of its initial state), dataset (its name, which for an
+    # ImageFolder holds its content key, and subset), epochs and seed, and the recipe (lr, batch size).
+    key = json.dumps([model_name, init, data.name, len(data.y_train), len(data.y_test), data.mean, data.std,
+                      epochs, seed, lr, batch_size])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "checkpoints" / f"{slug(model_name, 200)}-{digest}.pt"
 
@@ -260,12 +268,13 @@ def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: fl
 def fp32_checkpoint(model_name: str, model: nn.Module, data: TensorData, *, epochs: int, seed: int,
                     lr: float = 0.1, batch_size: int = 128, progress: bool = False) -> dict:
     """Load the cached FP32 weights for (model, dataset, epochs, seed) into ``model``, training and
-    caching them first when absent. A cache file that fails to load or does not match the model
-    is treated as absent and replaced.
+    caching them first when absent. The key includes ``model_digest(model)`` as given (freshly built,
+    untrained), so a changed factory or architecture gets a checkpoint of its own. A cache file that
+    fails to load or does not match the model is treated as absent and replaced.
 
     Returns ``{"top1": float, "path": str, "cached": bool}``.
     """
-    path = _ckpt_path(model_name, data, epochs, seed, lr, batch_size)
+    path = _ckpt_path(model_name, data, epochs, seed, lr, batch_size, model_digest(model))
     if path.exists():
         try:
             blob = torch.load(path, map_location=data.device, weights_only=True)

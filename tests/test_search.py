@@ -17,7 +17,7 @@ from cost_models import get_cost_model
 from hwsearch.cli import main
 from hwsearch.config import RunConfig
 from hwsearch.pareto import hypervolume, pareto_mask
-from hwsearch.search import SearchConfig, SearchError, _db_lock, open_study, plan_of_trial, search
+from hwsearch.study import SearchConfig, SearchError, _db_lock, open_study, plan_of_trial, search
 
 PG_URL = os.environ.get("HWSEARCH_TEST_PG_URL")
 TINY = ["--max-train", "256", "--max-test", "120", "--fp32-epochs", "2", "--epochs", "2", "--batch-size", "64",
@@ -104,7 +104,7 @@ def test_claim_lock_is_held_on_a_sqlite_study(tiny_search):
     has no ``url``, which once left every study unlocked (two PostgreSQL workers ran 6 of 5 trials)."""
     from filelock import FileLock, Timeout
 
-    from hwsearch.search import _claim_lock
+    from hwsearch.study import _claim_lock
 
     out, _ = tiny_search
     study = optuna.load_study(study_name="hwsearch", storage=f"sqlite:///{out / 'study.db'}")

@@ -373,7 +373,8 @@ def _baseline_bits(config: SearchConfig) -> list[int]:
     return [b for b in UNIFORM_BASELINE_BITS if b >= lowest]
 
 
-def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress: bool, *, block: bool) -> None:
+def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress: bool, *, block: bool,
+                   model=None, data=None) -> None:
     """Uniform W/A baselines (first/last at 8; plain DoReFa/WRPN + PACT, same epochs) and the FP32 point,
     once per study. Each baseline is claimed by one worker at a time (the claim carries a heartbeat,
     so a dead worker's claim goes stale); with ``block``, wait until every baseline is stored."""
@@ -405,7 +406,8 @@ def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress
                       first_last_bits=config.base.first_last_bits or 8)
         key = f"baseline_claim_w{chosen}"
         with _Beat(lambda k=key: study.set_user_attr(k, time.time()), config.heartbeat_s):
-            res = run(cfg, out=(out / "baselines" / f"w{chosen}a{chosen}") if out else None, progress=progress)
+            res = run(cfg, model=model, data=data, out=(out / "baselines" / f"w{chosen}a{chosen}") if out else None,
+                      progress=progress)
         values = _objective_values(res.plan, config, table)
         n = len(table)
         fp32_values = [res.metrics["fp32_top1"]] + [get_cost_model(name)(table, [32] * n, [32] * n)
@@ -422,11 +424,13 @@ class SearchResult:
     ran_here: list[int] = field(default_factory=list)
 
 
-def search(config: SearchConfig, *, out: str | Path | None = None, progress: bool = False,
+def search(config: SearchConfig, *, model=None, data=None, out: str | Path | None = None, progress: bool = False,
            trial_callback=None) -> SearchResult:
     """Run (or join, or resume) a study until it holds ``config.trials`` finished trials.
 
     Args:
+        model, data: the user's FP32 model (every trial starts from a copy of it) and source of batches,
+            as ``hwsearch.run.run`` takes them; default: built from ``config.base``'s names.
         out: run directory (trial plans, plots; the default SQLite file).
         trial_callback: called as ``fn(trial_number)`` when a trial starts (used by tests).
 
@@ -440,7 +444,7 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
 
     from .run import prepare, run
 
-    prep = prepare(config.base)  # validates budgets before anything is created
+    prep = prepare(config.base, model=model, data=data)  # validates budgets before anything is created
     out = Path(out) if out else None
     if config.storage and not config.storage.startswith("sqlite"):
         _storage(config, None)  # an unreachable server fails here, before anything is created
@@ -448,7 +452,8 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
         out.mkdir(parents=True, exist_ok=True)
     study = open_study(config, out, model_info={"layers": list(prep.table.names),
                                                 "input_shape": list(prep.table.input_shape),
-                                                "num_classes": prep.data.num_classes})
+                                                "num_classes": prep.data.num_classes,
+                                                "metric": prep.data.metric})
     if out:
         (out / "search.json").write_text(json.dumps(
             {"storage": _redact(config.storage) if config.storage else f"sqlite:///{(out / 'study.db').resolve()}",
@@ -456,7 +461,7 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
     if config.anchor_bits:
         _enqueue_anchors(study, config, prep)
     if config.baselines:  # take the baselines nobody has taken yet, then go on to trials
-        _run_baselines(study, config, prep, out, progress, block=False)
+        _run_baselines(study, config, prep, out, progress, block=False, model=model, data=data)
     ran: list[int] = []
     bar = tqdm(total=config.trials, desc="trials", disable=not progress, dynamic_ncols=True)
     try:
@@ -481,7 +486,7 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
                 cfg = _trial_config(trial, config, prep)
                 trial_dir = out / "trials" / f"{trial.number:04d}" if out else None
                 try:
-                    res = run(cfg, out=trial_dir)
+                    res = run(cfg, model=model, data=data, out=trial_dir)
                 except KeyboardInterrupt:
                     study.tell(trial, state=TrialState.FAIL)
                     raise
@@ -502,5 +507,5 @@ def search(config: SearchConfig, *, out: str | Path | None = None, progress: boo
     finally:
         bar.close()
     if config.baselines:  # the front is drawn against every baseline: finish or wait for the rest
-        _run_baselines(study, config, prep, out, progress, block=True)
+        _run_baselines(study, config, prep, out, progress, block=True, model=model, data=data)
     return SearchResult(study, out, _counts(study)["COMPLETE"], ran)
