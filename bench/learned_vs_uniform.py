@@ -45,6 +45,12 @@ PRESETS = {
             "seeds": [0, 1, 2]},
     "smoke": {"run": {"max_train": 256, "max_test": 256, "fp32_epochs": 1, "epochs": 1, "batch_size": 64},
               "seeds": [0]},
+    # MobileNetV2 for 32x32 (depthwise layers), the cpu preset's data and plan training; its FP32 checkpoint
+    # trained to convergence on the subset (40 epochs; 10 left four more epochs at 4 bits above FP32), and
+    # uniform W8A8 beside FP32 to show it (within 0.3 points).
+    "mobilenet-cpu": {"run": {"model": "mobilenet_v2_cifar", "max_train": 8000, "fp32_epochs": 40, "fp32_seed": 0,
+                              "epochs": 4, "search_epochs": 2, "batch_size": 128},
+                      "uniform": {"W8A8": 8, "W4A4": 4, "W3A3": 3, "W2A2": 2}, "seeds": [0, 1, 2], "workers": 1},
 }
 UNIFORM = {"W2A2": 2, "W3A3": 3, "W4A4": 4}
 BUDGETS = ["W2.5A2.5", "W3A3", "W3.5A3.5", "W4A4"]
@@ -53,12 +59,12 @@ ALLOCATORS = ["sinareq", "hessian", "measured"]
 
 
 def budgets_bitops(table) -> dict[str, float]:
-    """BitOps of uniform W2A2..W4A4 (first/last at 8) and the geometric means between them."""
+    """BitOps of uniform W2A2..W4A4 and W8A8 (first/last at 8) and the geometric means between them."""
     from cost_models import get_cost_model
     from hwsearch.costs import uniform_bits
 
     bitops = get_cost_model("bitops")
-    out = {name: bitops(table, *uniform_bits(table, b, b)) for name, b in UNIFORM.items()}
+    out = {name: bitops(table, *uniform_bits(table, b, b)) for name, b in {**UNIFORM, "W8A8": 8}.items()}
     for name, (lo, hi) in BETWEEN.items():
         out[name] = math.sqrt(out[lo] * out[hi])
     return out
@@ -68,7 +74,7 @@ def job_list(preset: dict) -> list[dict]:
     """Seed by seed: uniform first (the interpolation needs it), then both allocators at each budget."""
     jobs = []
     for seed in preset["seeds"]:
-        for name, b in UNIFORM.items():
+        for name, b in preset.get("uniform", UNIFORM).items():
             jobs.append({"key": f"uniform-{name}-s{seed}", "allocator": "uniform", "budget": name, "seed": seed,
                          "config": {"fixed_bits": b, "lambda_w": 0.0}})
         for budget in BUDGETS:
@@ -117,7 +123,7 @@ def table_rows(records: list[dict]) -> list[dict]:
             f = (math.log(target) - math.log(a["bitops"])) / (math.log(b["bitops"]) - math.log(a["bitops"]))
             rows.append({"budget": name, "bitops": target, "allocator": "uniform-interp", "seed": seed,
                          "top1": a["top1"] + f * (b["top1"] - a["top1"]), "plan_bitops": None})
-    order = {b: i for i, b in enumerate(["W2A2", *BUDGETS])}
+    order = {b: i for i, b in enumerate(["W2A2", *BUDGETS, "W8A8"])}
     return sorted(rows, key=lambda r: (order.get(r["budget"], 99), r["allocator"], r["seed"]))
 
 
@@ -144,6 +150,8 @@ def main() -> int:
                                       "uniform runs only at the budgets these are compared with")
     ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
     ap.add_argument("--workers", type=int, help="runs at once, processes sharing the cores (default: the preset's)")
+    ap.add_argument("--threads", type=int, help="torch threads of a single worker (default: torch's; with "
+                                                "--workers N, cores/N each)")
     ap.add_argument("--deadline-s", type=float, default=float("inf"), help="start no run after this many seconds")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a RunConfig field for the allocators' runs (not uniform's), e.g. beta_update=shared; "
@@ -201,7 +209,7 @@ def main() -> int:
         for job in todo:
             if time.time() - t0 > args.deadline_s:
                 break
-            report(run_job(job, preset, args.data, runs))
+            report(run_job(job, preset, args.data, runs, args.threads))
     elif todo:
         import multiprocessing as mp
         import signal

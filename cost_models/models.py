@@ -121,7 +121,7 @@ def _column(table: LayerTable, attr: str, like: torch.Tensor) -> torch.Tensor:
 class BitOps(CostModel):
     """BitOps = sum_l MACs_l * b_w,l * b_a,l (DESIGN.md)."""
 
-    name, unit = "bitops", "BOPs"
+    name, unit = "bitops", "BitOps"
 
     def layer_costs(self, table, w_bits, a_bits):
         return _column(table, "macs", a_bits) * self._weight_or_act(table, w_bits, a_bits) * a_bits

@@ -12,7 +12,6 @@ input preprocessing. ``load_quantized`` rebuilds the model from it with
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from cost_models import profile
 
 from .costs import FLOAT_BITS
+from .files import atomic_path
 from .plan import PlanError, check_plan_matches
 from .quant import quant_layers, quantize_model
 
@@ -118,10 +118,9 @@ def quantized_state(model: nn.Module, plan: dict, *, num_classes: int | None) ->
 def save_quantized(model: nn.Module, plan: dict, path: str | Path, *, num_classes: int | None) -> Path:
     """Write ``model.pt`` atomically (a temporary file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(quantized_state(model, plan, num_classes=num_classes), tmp)
-    os.replace(tmp, path)
+    state = quantized_state(model, plan, num_classes=num_classes)  # every check first, then the file
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

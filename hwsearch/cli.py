@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from .cli_args import bits
+from .cli_args import bits, format_float_layers
 from .units import parse_shape
 
 __all__ = ["main"]
@@ -37,21 +37,24 @@ def _shape(text: str):
 def _cmd_cost(args) -> int:
     import pandas as pd
 
-    from .costs import cost_report, uniform_bits
+    from .costs import cost_report, float_layers, quantizable_layers, uniform_bits
     from .profiling import profile_model
 
-    table, _ = profile_model(args.model, args.input_shape, num_classes=args.num_classes)
+    table, model = profile_model(args.model, args.input_shape, num_classes=args.num_classes)
+    # Priced as `run` quantizes: rows hwsearch cannot quantize stay at 32 bits, and are listed.
     w, a = uniform_bits(table, args.w_bits, args.a_bits, first_last_bits=args.first_last_bits,
-                        input_bits=args.input_bits)
+                        input_bits=args.input_bits, quantizable=quantizable_layers(table, model))
     rows, totals = cost_report(table, w, a)
+    left = float_layers(table, model)
     if args.format == "json":
-        json.dump({"model": args.model, "input_shape": list(table.input_shape), "layers": rows, "totals": totals},
-                  sys.stdout, indent=1)
+        json.dump({"model": args.model, "input_shape": list(table.input_shape), "layers": rows, "totals": totals,
+                   "float_layers": left}, sys.stdout, indent=1)
         print()
     elif args.format == "csv":
         pd.DataFrame(rows).to_csv(sys.stdout, index=False)
     else:
         print(format_cost_table(rows, totals))
+        print(format_float_layers(left), end="")
     return 0
 
 
@@ -123,6 +126,18 @@ def _add_training_commands(sub) -> None:
     cli_search.add_commands(sub)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is logged (not the stream at setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from cost_models import UncountedOpsError
@@ -133,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     # torch.utils.cpp_extension (the fused CPU kernel's build, torch.compile on a CPU) warns on import
     # that no CUDA runtime is found: true, and irrelevant to CPU work.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # hwsearch's own notices (a cache rebuilt, a layer left in float) go to stderr, one line each.
+    log = logging.getLogger("hwsearch")
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("hwsearch: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -200,3 +200,10 @@ def default_out(kind: str, args) -> Path:
     return Path("runs") / f"{kind}-{slug(f'{args.model}-{args.dataset}', 60)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def format_float_layers(left: list[dict]) -> str:
+    """Lines naming every MAC-bearing layer left in float and why ('' when there is none)."""
+    if not left:
+        return ""
+    lines = [f"left in float (32 bits, counted so): {len(left)} layer{'s' if len(left) > 1 else ''}"]
+    lines += [f"  {row['name']} ({row['op']}, {row['macs']:,} MACs): {row['reason']}" for row in left]
+    return "\n".join(lines) + "\n"

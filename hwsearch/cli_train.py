@@ -7,7 +7,14 @@ from pathlib import Path
 
 from cost_models import get_cost_model
 
-from .cli_args import add_run_arguments, bits, config_from_args, default_out, positive_int
+from .cli_args import (
+    add_run_arguments,
+    bits,
+    config_from_args,
+    default_out,
+    format_float_layers,
+    positive_int,
+)
 from .units import format_si
 
 
@@ -34,7 +41,9 @@ def _cmd_run(args) -> int:
     m, plan = result.metrics, result.plan
     totals = plan["totals"]
     name = "top-1" if m["metric"] == "top1" else m["metric"]
-    given = "  (your weights, as given)" if config.weights else ""
+    given = ("  (your weights, as given)" if config.weights else
+             "  (cached FP32 checkpoint)" if m.get("fp32_cached") else
+             f"  (FP32 checkpoint trained now, {_epochs(config.fp32_epochs)}, and cached)")
     print(f"{'FP32 ' + name:<14} {m['fp32_top1']:.4f}{given}")
     if "search_top1" in m:
         print(f"{'search ' + name:<14} {m['search_top1']:.4f}  (end of bit learning, {_epochs(config.learning_epochs)})")
@@ -52,6 +61,7 @@ def _cmd_run(args) -> int:
     if "memory" not in shown:
         print(f"{'memory':<14} {format_si(totals['weight_bytes'])}B of weights")
     print(f"{'weight bits':<14} {totals['avg_weight_bits']:.2f} on average, weighted by parameters")
+    print(format_float_layers(m["float_layers"]), end="")
     print(f"written        {out}/: plan.json, plan.csv, model.pt, metrics.json, history.csv, curves.png, bits.png, "
           "weights.png")
     print(f"next           hwsearch apply {out / 'plan.json'}   (trains the plan again and checks its top-1)")
@@ -99,12 +109,14 @@ def _cmd_export(args) -> int:
         except (KeyError, ValueError) as exc:
             raise ValueError(f"--verify: cannot rebuild the run's dataset {plan['dataset']!r} "
                              f"({exc.args[0] if exc.args else exc}); nothing was written") from None
-    info = export_onnx(model, plan, out)
+    info = export_onnx(model, plan, out, include_preprocessing=args.include_preprocessing)
     print(f"written        {out} ({info['bytes']:,} bytes; with float weights: {info['float_bytes']:,} bytes)")
     if data is not None:
         print(f"plan top-1     {plan['metrics'].get('top1', float('nan')):.4f}  (recorded in the plan)")
         print(f"PyTorch top-1  {evaluate(model, data):.4f}  (model.pt, the run's test images)")
-        print(f"ONNX top-1     {onnx_top1(out, data):.4f}  (onnxruntime on the CPU, same images)")
+        raw = args.include_preprocessing
+        print(f"ONNX top-1     {onnx_top1(out, data, raw=raw):.4f}  (onnxruntime on the CPU, same images"
+              f"{', as uint8 pixels' if raw else ''})")
     return 0
 
 
@@ -130,6 +142,8 @@ def add_commands(sub) -> None:
     p.add_argument("run_dir", help="a run directory holding model.pt (from hwsearch run or apply --out)")
     p.add_argument("--format", choices=["onnx"], required=True, help="output format (onnx)")
     p.add_argument("--out", help="output file (default RUN_DIR/model.onnx)")
+    p.add_argument("--include-preprocessing", action="store_true",
+                   help="the graph takes raw uint8 pixels and normalizes them itself ((x/255 - mean)/std)")
     p.add_argument("--model", help="package.module:factory that builds the float model, for a plan whose model "
                                    "cannot be built by its recorded name (default: the plan's model)")
     p.add_argument("--verify", action="store_true",

@@ -48,7 +48,7 @@ def _build():
         cuda_log.setLevel(level)
 
     _ninja_on_path()
-    log.info("hwsearch: building the fused CPU kernels (once per machine and torch version)")
+    log.debug("loading the fused CPU kernels (built on first use, once per machine and torch version)")
     # -fopenmp: at::parallel_for is inline OpenMP; the library it links is torch's own libgomp.so.1
     # (same soname, already loaded), so the kernels share torch's threads and thread count.
     # -fno-trapping-math lets the compiler turn the per-element selects into vector blends.

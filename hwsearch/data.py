@@ -10,6 +10,7 @@ and ``PATH/test/<class>/*``; PATH may also be a ``.tar.gz`` of that layout).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -22,6 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from cost_models import Registry
+
+from .files import atomic_path, write_text
+
+log = logging.getLogger("hwsearch")
 
 __all__ = ["DatasetUnavailable", "TensorData", "cache_dir", "check_score", "datasets", "load_dataset"]
 
@@ -62,6 +67,7 @@ class TensorData:
     loss_fn: Callable | None = None
     eval_fn: Callable | None = None
     metric: str = "top1"
+    content: str = ""  # a digest of the files it was read from (ImageFolder), part of the FP32 cache key
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -234,27 +240,66 @@ def _svhn(root: Path | None = None) -> TensorData:
                       (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), flip=False)
 
 
+# What torchvision's ImageFolder takes as an image; anything else (.DS_Store, Thumbs.db, notes) is skipped.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
 def _decode(path: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"imagefolder: cannot read image {path}: {exc}") from None
 
 
-def _read_split(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Every image file (by extension) under ``split_dir/<class>/``, sorted, with its class index."""
     files, labels = [], []
     for label, cls in enumerate(classes):
-        names = sorted(p for p in (split_dir / cls).iterdir() if p.is_file())
+        names = sorted(p for p in (split_dir / cls).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
         files += [str(p) for p in names]
         labels += [label] * len(names)
     if not files:
         raise ValueError(f"imagefolder: no images under {split_dir}")
+    return files, labels
+
+
+def _read_split(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    files, labels = _image_files(split_dir, classes)
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = list(pool.map(_decode, files, chunksize=512))
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise ValueError(f"imagefolder: images under {split_dir} differ in size {sorted(shapes)[:3]}; resize them first")
     return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64)
+
+
+def _classes(path: Path) -> list[str]:
+    """The class folders, which train/ and test/ must share (a class missing from one would shift labels)."""
+    train = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
+    test = sorted(p.name for p in (path / "test").iterdir() if p.is_dir())
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        parts = [f"only in train/: {', '.join(only_train[:5])}" if only_train else "",
+                 f"only in test/: {', '.join(only_test[:5])}" if only_test else ""]
+        raise ValueError(f"imagefolder: {path}: train/ and test/ hold different classes "
+                         f"({'; '.join(p for p in parts if p)})")
+    if not train:
+        raise ValueError(f"imagefolder: {path}/train holds no class folders")
+    return train
+
+
+def content_key(path: Path, classes: list[str]) -> str:
+    """A digest of the folder's content listing: every image's path relative to ``path``, size and
+    modification time. Deleting, adding or rewriting an image changes it; reading the folder does not."""
+    h = hashlib.sha256()
+    for split in ("train", "test"):
+        for f in _image_files(path / split, classes)[0]:
+            st = os.stat(f)
+            h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _lock(name: str):
@@ -284,10 +329,7 @@ def _content_key(archive: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     key = h.hexdigest()[:16]
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(key)
-    os.replace(tmp, memo)
+    write_text(memo, key)
     return key
 
 
@@ -307,7 +349,11 @@ def _unpack(archive: Path) -> Path:
 
 
 def load_imagefolder(path: str | Path) -> TensorData:
-    """Decode ``PATH/train`` and ``PATH/test`` (ImageFolder layout, or a .tar.gz of it) once, then cache."""
+    """Decode ``PATH/train`` and ``PATH/test`` (ImageFolder layout, or a .tar.gz of it) once, then cache.
+
+    The decoded tensors are cached by the folder's content (``content_key``): a folder whose images
+    changed is decoded again (and the log says so), never served from a stale cache.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"imagefolder: no such path {str(path)!r}")
@@ -315,9 +361,11 @@ def load_imagefolder(path: str | Path) -> TensorData:
         path = _unpack(path)
     if not (path / "train").is_dir() or not (path / "test").is_dir():
         raise ValueError(f"imagefolder: {path} must hold train/ and test/ folders of class subfolders")
-    classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    classes = _classes(path)
+    key = content_key(path, classes)
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     cached = cache_dir() / "tensors" / f"imagefolder-{key}.pt"
+    last = cache_dir() / "tensors" / f"imagefolder-path-{where}.txt"  # the key this path had last time
     data = None
     with _lock(f"decode-{key}"):
         if cached.exists():
@@ -326,20 +374,22 @@ def load_imagefolder(path: str | Path) -> TensorData:
             except Exception:
                 data = None  # corrupt cache: decode again
         if data is None:
+            if last.exists() and last.read_text().strip() != key:
+                log.info("imagefolder %s changed since it was cached: decoding it again", path)
             x_tr, y_tr = _read_split(path / "train", classes)
             x_te, y_te = _read_split(path / "test", classes)
             data = {"x_train": torch.from_numpy(x_tr), "y_train": torch.from_numpy(y_tr),
                     "x_test": torch.from_numpy(x_te), "y_test": torch.from_numpy(y_te)}
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-            torch.save(data, tmp)
-            os.replace(tmp, cached)
+            with atomic_path(cached) as tmp:
+                torch.save(data, tmp)
+            write_text(last, key)
     x = data["x_train"].float() / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(x.std(dim=(0, 2, 3)).tolist())
+    # A channel that never varies (a constant colour, a blank band) would divide by 0: floor at one level.
+    std = tuple(max(v, 1 / 255) for v in x.std(dim=(0, 2, 3)).tolist())
     h = data["x_train"].shape[-1]
     return TensorData(f"imagefolder:{path}", data["x_train"], data["y_train"], data["x_test"], data["y_test"],
-                      len(classes), mean, std, pad=max(1, h // 8))
+                      len(classes), mean, std, pad=max(1, h // 8), content=key)
 
 
 def load_dataset(name: str, *, root: Path | None = None) -> TensorData:

@@ -13,13 +13,13 @@ b < 8 bits needs low-bit kernels that the runtime may not have.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .checkpoint import ExportError, load_quantized
+from .files import atomic_path
 from .quant import _QuantMixin, quant_layers
 
 __all__ = ["ExportError", "export_onnx", "load_quantized", "onnx_top1"]
@@ -66,11 +66,17 @@ def _weight_input(graph, name: str):
     raise ExportError(f"ONNX export: cannot find layer {name}'s weight in the exported graph")
 
 
-def export_onnx(model: nn.Module, plan: dict, path: str | Path) -> dict:
+def export_onnx(model: nn.Module, plan: dict, path: str | Path, *, include_preprocessing: bool = False) -> dict:
     """Write the deployed ``model`` (from ``load_quantized``) as ONNX with Q/DQ around every quantized
-    layer's weight and input. The graph's input is the normalized image, batch dimension dynamic.
+    layer's weight and input. The graph's input is the normalized image, batch dimension dynamic; with
+    ``include_preprocessing``, raw uint8 pixels, normalized inside the graph as the plan's
+    ``preprocessing`` records ((x/255 - mean)/std). The plan's model, data, input shape, quantizer and
+    preprocessing travel in the graph's metadata (``hwsearch.plan``).
 
     Returns ``{"path", "bytes", "float_bytes"}`` (float_bytes: the same graph with float weights).
+
+    Raises:
+        ExportError: ``include_preprocessing`` for a run whose inputs a user's own loader prepared.
     """
     import io
     import json
@@ -78,6 +84,11 @@ def export_onnx(model: nn.Module, plan: dict, path: str | Path) -> dict:
 
     onnx = _need("onnx")
     from onnx import TensorProto, helper, numpy_helper
+
+    pre = plan.get("preprocessing")
+    if include_preprocessing and not pre:
+        raise ExportError("--include-preprocessing: the plan records no preprocessing (its inputs came from "
+                          "your own loader, which prepares them); export without it")
 
     layers = quant_layers(model)
     if not all(m.deployed for m in layers.values()):
@@ -145,16 +156,36 @@ def export_onnx(model: nn.Module, plan: dict, path: str | Path) -> dict:
         node.input[0] = out
     # Nodes must stay in topological order: put the new ones first where they depend only on graph
     # inputs and initializers (weights), otherwise just before their consumer.
+    if include_preprocessing:
+        new_nodes += _preprocessing_nodes(graph, pre)
     _insert_in_order(graph, new_nodes)
     proto.metadata_props.extend([onnx.StringStringEntryProto(key="hwsearch.plan", value=json.dumps(
         {k: plan.get(k) for k in ("model", "dataset", "input_shape", "quantizer", "preprocessing")}))])
     onnx.checker.check_model(proto)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     return {"path": str(path), "bytes": path.stat().st_size, "float_bytes": float_bytes}
+
+
+def _preprocessing_nodes(graph, pre: dict) -> list:
+    """Make the graph take raw uint8 pixels: the input ``input`` becomes uint8, and Cast, Mul(scale),
+    Sub(mean), Div(std) (per channel) produce the normalized tensor its first nodes read."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    (inp,) = [i for i in graph.input if i.name == "input"]
+    inp.type.tensor_type.elem_type = TensorProto.UINT8
+    for node in graph.node:
+        node.input[:] = ["input_normalized" if name == "input" else name for name in node.input]
+    view = lambda v: np.asarray(v, dtype=np.float32).reshape(1, -1, 1, 1)  # noqa: E731
+    graph.initializer.extend([numpy_helper.from_array(np.asarray(pre["scale"], np.float32), "input_scale"),
+                              numpy_helper.from_array(view(pre["mean"]), "input_mean"),
+                              numpy_helper.from_array(view(pre["std"]), "input_std")])
+    return [helper.make_node("Cast", ["input"], ["input_float"], to=TensorProto.FLOAT, name="pre/cast"),
+            helper.make_node("Mul", ["input_float", "input_scale"], ["input_unit"], name="pre/scale"),
+            helper.make_node("Sub", ["input_unit", "input_mean"], ["input_centred"], name="pre/mean"),
+            helper.make_node("Div", ["input_centred", "input_std"], ["input_normalized"], name="pre/std")]
 
 
 def _insert_in_order(graph, new_nodes: list) -> None:
@@ -187,16 +218,20 @@ def _insert_in_order(graph, new_nodes: list) -> None:
     graph.node.extend(order)
 
 
-def onnx_top1(path: str | Path, data, *, batch_size: int = 500) -> float:
-    """Top-1 of the ONNX graph under onnxruntime (CPU) on ``data``'s test split."""
+def onnx_top1(path: str | Path, data, *, batch_size: int = 500, raw: bool = False) -> float:
+    """Top-1 of the ONNX graph under onnxruntime (CPU) on ``data``'s test split; ``raw``: feed the uint8
+    pixels (a graph exported with its preprocessing)."""
     import numpy as np
 
     ort = _need("onnxruntime")
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     correct = count = 0
-    for x, y in data.test_batches(batch_size):
-        logits = session.run(["logits"], {"input": x.cpu().numpy().astype(np.float32)})[0]
+    batches = (((data.x_test[i:i + batch_size], data.y_test[i:i + batch_size])
+                for i in range(0, len(data.y_test), batch_size)) if raw else data.test_batches(batch_size))
+    for x, y in batches:
+        x = x.cpu().numpy()
+        logits = session.run(["logits"], {"input": x if raw else x.astype(np.float32)})[0]
         correct += int((logits.argmax(1) == y.cpu().numpy()).sum())
         count += len(y)
     return correct / count

@@ -10,6 +10,7 @@ The plan is then trained at fixed bits by ``hwsearch.run.train_plan``, as any ot
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,14 +19,23 @@ from torch import nn
 from cost_models import LayerTable, get_cost_model, profile
 
 from .config import RunConfig
-from .costs import FLOAT_BITS
+from .costs import FLOAT_BITS, float_layers, quantizable_layers
 from .data import TensorData, load_dataset
 from .fused import stack_scalars
 from .models import create_model
 from .quant import quant_layers, quantize_model, take_penalties
-from .rounding import BitSpace, budget_bits, budget_shift, check_feasible, project_to_budgets
+from .rounding import (
+    BitSpace,
+    InfeasibleBudget,
+    budget_bits,
+    budget_shift,
+    check_feasible,
+    project_to_budgets,
+)
 from .sinareq import accuracy_cost, bit_pressure, budget_penalty, strength
 from .train import StepHook, fit, resolve_device
+
+log = logging.getLogger("hwsearch")
 
 __all__ = ["Prepared", "build_model", "calibrate", "learn_bits", "load_data", "measure_omega", "prepare",
            "quantize_prepared"]
@@ -45,6 +55,7 @@ class Prepared:
     a_init: list[float]
     device: torch.device
     float_bits: torch.Tensor | None = None  # 32, the bits of a layer left in float: made once, on the device
+    float_layers: list | None = None  # MAC-bearing rows left in float, with the reason (costs.float_layers)
     pretrained: dict | None = None  # the FP32 start as given ({"source", and for a file "path", "sha256"}); None:
                                     # hwsearch trains (and caches) the FP32 checkpoint
 
@@ -114,9 +125,8 @@ def prepare(config: RunConfig, *, model: nn.Module | None = None, data=None) -> 
         data = data.to(device)
     model, pretrained = build_model(config, data, model)
     table = profile(model, data.input_shape)
-    modules = dict(model.named_modules())
-    quantizable = [layer.name for layer in table.layers
-                   if layer.has_weight and isinstance(modules.get(layer.name), (nn.Conv2d, nn.Linear))]
+    quantizable = quantizable_layers(table, model)
+    left = float_layers(table, model)
     weighted = [i for i, layer in enumerate(table.layers) if layer.name in quantizable]
     ends = {weighted[0], weighted[-1]} if weighted and config.first_last_bits else set()
     n = len(table)
@@ -141,7 +151,16 @@ def prepare(config: RunConfig, *, model: nn.Module | None = None, data=None) -> 
     for m, _ in budgets:
         m.check(table)
     if config.fixed_bits is None:
-        check_feasible(table, w_init, a_init, space, budgets)
+        if not any(free_w) and not any(free_a):
+            log.info("no layer's bits are free to choose (quantized: %s; first/last fixed at %s bits): the plan is "
+                     "those fixed bits", ", ".join(quantizable) or "none", config.first_last_bits)
+        try:
+            check_feasible(table, w_init, a_init, space, budgets)
+        except InfeasibleBudget as exc:
+            if not left:
+                raise
+            raise InfeasibleBudget(f"{exc}; {len(left)} layer(s) stay in float at 32 bits and count so: "
+                                   f"{', '.join(r['name'] for r in left)} (`hwsearch cost` lists why)") from None
         if config.init_bits is None and budgets:
             # Start at the budget expressed as uniform bits: training begins at the budget's cost and
             # learning redistributes bits between layers instead of bringing them all down from b_max.
@@ -152,7 +171,8 @@ def prepare(config: RunConfig, *, model: nn.Module | None = None, data=None) -> 
             c = m(table, w_init, a_init)
             if c > b:
                 raise ValueError(f"budget {m.name}={b:.4g}: fixed {config.fixed_bits}-bit plan costs {c:.4g} {m.unit}")
-    return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device, pretrained=pretrained)
+    return Prepared(config, data, model, table, quantizable, space, w_init, a_init, device, pretrained=pretrained,
+                    float_layers=left)
 
 
 def _bit_vectors(prep: Prepared, layers: dict) -> tuple[torch.Tensor, torch.Tensor]:

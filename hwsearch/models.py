@@ -2,7 +2,7 @@
 
 ``create_model(name, num_classes=..., in_channels=...)`` accepts
 - a registered name (``resnet20``, ``resnet32``, ``resnet56``, ``vgg11_bn``, ``alexnet_cifar``,
-  ``mobilenet_v2``, ``resnet18``),
+  ``mobilenet_v2_cifar``, ``mobilenet_v2``, ``resnet18``),
 - any torchvision classification model name (``efficientnet_b0``, ``vit_b_16``, ...),
 - a user's own model as ``package.module:factory`` (called with ``num_classes`` and
   ``in_channels`` keywords when it accepts them).
@@ -170,6 +170,25 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 for _tv in ("mobilenet_v2", "resnet18"):
     register_model(_tv, 224, f"torchvision {_tv}")(
         lambda num_classes=10, in_channels=3, _n=_tv: _torchvision(_n, num_classes, in_channels))
+
+
+def mobilenet_v2_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """MobileNetV2 (Sandler et al. 2018) for 32x32 inputs: torchvision's blocks and width 1.0, with the
+    first convolution and the first downsampling stage (t=6, c=24) at stride 1, so that the feature maps
+    are 32, 32, 16, 8, 8, 4, 4 pixels across (ImageNet's network would shrink a CIFAR image to 1x1).
+    Depthwise 3x3 convolutions carry 6.4% of its 88 M MACs; the linear bottlenecks' outputs (no ReLU)
+    are signed inputs of the next pointwise convolution, which PACT quantizes with a signed range."""
+    import torchvision
+
+    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    model = torchvision.models.MobileNetV2(num_classes=num_classes, inverted_residual_setting=setting)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
+    return model
+
+
+register_model("mobilenet_v2_cifar", 32, "MobileNetV2 for 32x32 inputs (stride 1 stem and first downsampling stage)")(
+    mobilenet_v2_cifar)
 
 
 def _torchvision_names() -> list[str]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .files import atomic_path, write_json
+
 __all__ = ["front", "front_table", "uniform_at", "hypervolume", "hypervolume_history", "load_run", "pareto_mask", "plot_front",
            "plot_hypervolume_history", "reference_point", "trials_frame", "write_pareto"]
 
@@ -241,23 +243,25 @@ def write_pareto(study, out: str | Path, *, export_plans: str | Path | None = No
                "metric": metric,
                "layers": study.user_attrs.get("layers"),
                "front": [{k: v for k, v in row.items() if k not in ("w_bits", "a_bits")} for row in f.to_dict("records")]}
-    trials.to_csv(out / "trials.csv", index=False)
-    baselines.to_csv(out / "baselines.csv", index=False)
-    f.to_csv(out / "front.csv", index=False)
-    (out / "front.json").write_text(json.dumps(summary, indent=1, default=float))
+    for name, frame in (("trials.csv", trials), ("baselines.csv", baselines), ("front.csv", f)):
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+    write_json(out / "front.json", summary, default=float)
     if not trials.empty and len(objectives) >= 2:
         fig = new_figure(figsize=(7, 4.5))
         ax = plot_front(trials, baselines, objectives, ax=fig.subplots())
         ax.set_title(f"{study.study_name}: hypervolume {summary['hypervolume'] or 0:.4f} "
                      f"(uniform baselines {summary['baseline_hypervolume'] or 0:.4f})", fontsize=9)
         fig.tight_layout()
-        fig.savefig(out / "pareto.png", dpi=110)
+        with atomic_path(out / "pareto.png") as tmp:
+            fig.savefig(tmp, dpi=110)
         if ref:
             fig = new_figure(figsize=(5, 3))
             plot_hypervolume_history(hypervolume_history(trials, objectives, ref), ax=fig.subplots(),
                                      baseline=summary["baseline_hypervolume"])
             fig.tight_layout()
-            fig.savefig(out / "hypervolume.png", dpi=110)
+            with atomic_path(out / "hypervolume.png") as tmp:
+                fig.savefig(tmp, dpi=110)
     if export_plans:
         from .study import plan_of_trial, study_table
 

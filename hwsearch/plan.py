@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 from cost_models import LayerTable
 
 from .costs import cost_report
+from .files import atomic_path, write_json
 
 __all__ = ["PlanError", "SCHEMA", "build_plan", "check_plan_matches", "check_plan_totals", "load_plan", "save_plan"]
 
@@ -55,7 +55,7 @@ _JSON_SCHEMA = {
 def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int], a_bits: list[int],
                quantizer: str, cost_model: str, budget: Mapping[str, float], metrics: Mapping[str, Any],
                seed: int, hyperparameters: Mapping[str, Any], preprocessing: Mapping[str, Any] | None = None,
-               weights: Mapping[str, Any] | None = None) -> dict:
+               weights: Mapping[str, Any] | None = None, float_layers: list | None = None) -> dict:
     """A plan dict (schema v1) for integer bits on ``table``.
 
     Args:
@@ -63,6 +63,7 @@ def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int]
             the user's own loader prepares inputs.
         weights: the FP32 start when it was given rather than trained (a file's path and sha256, or a
             model object), recorded in the provenance so that ``apply`` starts from the same weights.
+        float_layers: MAC-bearing rows left in float and why (``costs.float_layers``).
     """
     import torch
 
@@ -79,6 +80,7 @@ def build_plan(*, model: str, dataset: str, table: LayerTable, w_bits: list[int]
                                           "avg_weight_bits")},
         "metrics": dict(metrics),
         "preprocessing": dict(preprocessing) if preprocessing is not None else None,
+        "float_layers": list(float_layers or []),
         "provenance": {"hwsearch": __version__, "torch": str(torch.__version__), "seed": seed,
                        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "hyperparameters": dict(hyperparameters),
@@ -91,14 +93,9 @@ def save_plan(plan: dict, path: str | Path) -> Path:
     import pandas as pd
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, path)
-    csv_path = path.with_suffix(".csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    pd.DataFrame(plan["layers"]).to_csv(tmp, index=False)
-    os.replace(tmp, csv_path)
+    write_json(path, plan)
+    with atomic_path(path.with_suffix(".csv")) as tmp:
+        pd.DataFrame(plan["layers"]).to_csv(tmp, index=False)
     return path
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .files import atomic_path
+
 __all__ = ["bits_frame", "plot_bits", "plot_curves", "plot_weight_histogram", "save_run_plots"]
 
 
@@ -131,11 +133,13 @@ def save_run_plots(run_dir: Path, plan, history, layers, hist_layer, u_before, c
         fig = new_figure(figsize=(13, 3.4))
         plot_curves(h, next(iter(config.budgets), None), axes=fig.subplots(1, 3), marks=marks)
         fig.tight_layout()
-        fig.savefig(run_dir / "curves.png", dpi=110)
+        with atomic_path(run_dir / "curves.png") as tmp:
+            fig.savefig(tmp, dpi=110)
     fig = new_figure(figsize=(max(6, 0.35 * len(plan["layers"])), 3.5))
     plot_bits(plan, ax=fig.subplots())
     fig.tight_layout()
-    fig.savefig(run_dir / "bits.png", dpi=110)
+    with atomic_path(run_dir / "bits.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     if hist_layer:
         m = layers[hist_layer]
         with torch.no_grad():
@@ -150,4 +154,5 @@ def save_run_plots(run_dir: Path, plan, history, layers, hist_layer, u_before, c
                               f"{hist_layer} at {bits} bits ({m.quantizer.name}): the largest layer whose bits "
                               "were chosen", ax=fig.subplots())
         fig.tight_layout()
-        fig.savefig(run_dir / "weights.png", dpi=110)
+        with atomic_path(run_dir / "weights.png") as tmp:
+            fig.savefig(tmp, dpi=110)

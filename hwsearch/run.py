@@ -10,8 +10,6 @@ a uniform plan (``fixed_bits``) goes through exactly the same ``train_plan``. ``
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +22,7 @@ from cost_models import LayerTable, get_cost_model, profile
 from .checkpoint import apply_plan, save_quantized
 from .config import RunConfig
 from .data import TensorData
+from .files import atomic_path, write_json
 from .fused import stack_scalars
 from .learn import (
     Prepared,
@@ -231,13 +230,14 @@ def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: st
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "config.json", {**config.to_dict(), "resolved_device": str(prep.device)})
     metrics: dict = {"status": "running", "allocator": "uniform" if config.fixed_bits else config.allocator,
-                     "metric": metric}
+                     "metric": metric, "float_layers": prep.float_layers}
     history: list[dict] = []
     try:
         ck = ck or _fp32_start(config, prep.model, prep.data, prep.pretrained, progress)
         metrics["fp32_top1"] = ck["top1"]
         if "path" in ck:
             metrics["fp32_checkpoint"] = ck["path"]
+            metrics["fp32_cached"] = ck["cached"]
         else:
             metrics["fp32_weights"] = prep.pretrained
         fp32_model = copy.deepcopy(prep.model)
@@ -262,7 +262,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: st
                           metrics={"top1": top1, "fp32_top1": ck["top1"], "metric": metric,
                                    **({"search_top1": metrics["search_top1"]} if "search_top1" in metrics else {})},
                           seed=config.seed, hyperparameters=config.to_dict(),
-                          preprocessing=getattr(prep.data, "preprocessing", None), weights=prep.pretrained)
+                          preprocessing=getattr(prep.data, "preprocessing", None), weights=prep.pretrained,
+                          float_layers=prep.float_layers)
         for name, value in config.budgets.items():
             metrics[f"cost_{name}"] = get_cost_model(name)(prep.table, w_bits, a_bits)
             metrics[f"budget_{name}"] = value
@@ -280,9 +281,7 @@ def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: st
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, obj, default=str)
 
 
 def _write_outputs(run_dir: Path, metrics: dict, history: list[dict]) -> None:
@@ -290,9 +289,8 @@ def _write_outputs(run_dir: Path, metrics: dict, history: list[dict]) -> None:
 
     _write_json(run_dir / "metrics.json", metrics)
     if history:
-        tmp = run_dir / f".history.csv.{os.getpid()}.tmp"
-        pd.DataFrame(history).to_csv(tmp, index=False)
-        os.replace(tmp, run_dir / "history.csv")
+        with atomic_path(run_dir / "history.csv") as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
 
 
 def _write_plots(run_dir, plan, history, layers, hist_layer, u_before, config) -> None:

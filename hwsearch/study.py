@@ -28,6 +28,7 @@ from typing import Any
 from cost_models import get_cost_model
 
 from .config import RunConfig
+from .files import write_json
 
 __all__ = ["SearchConfig", "SearchError", "open_study", "plan_of_trial", "search", "study_table", "trial_record"]
 
@@ -455,9 +456,9 @@ def search(config: SearchConfig, *, model=None, data=None, out: str | Path | Non
                                                 "num_classes": prep.data.num_classes,
                                                 "metric": prep.data.metric})
     if out:
-        (out / "search.json").write_text(json.dumps(
-            {"storage": _redact(config.storage) if config.storage else f"sqlite:///{(out / 'study.db').resolve()}",
-             "study": config.study_name, "config": asdict(config)}, indent=1, default=str))
+        write_json(out / "search.json",
+                   {"storage": _redact(config.storage) if config.storage else f"sqlite:///{(out / 'study.db').resolve()}",
+                    "study": config.study_name, "config": asdict(config)}, default=str)
     if config.anchor_bits:
         _enqueue_anchors(study, config, prep)
     if config.baselines:  # take the baselines nobody has taken yet, then go on to trials

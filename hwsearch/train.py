@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .data import TensorData, cache_dir
+from .files import atomic_path
 from .optim import OneCycleSGD, ScalarAdam, one_cycle
 from .units import slug
 
@@ -245,9 +245,18 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
 
 
 def model_digest(model: nn.Module) -> str:
-    """A digest of a model's state as built: every tensor's name, shape, dtype and values. Two factories
-    (or one factory changed) that build different initial weights or architectures get different digests."""
-    h = hashlib.sha256()
+    """A digest of a model as built: its structure (``repr``: every module and its settings), the source of
+    every module class it uses (a changed ``forward`` with the same tensors changes the digest), and every
+    tensor's name, shape, dtype and values. A factory changed in any of these gets a digest of its own."""
+    import inspect
+
+    h = hashlib.sha256(repr(model).encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):  # built in C, or defined where no source is kept
+            source = ""
+        h.update(f"{cls.__module__}.{cls.__qualname__}:{source}".encode())
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -259,8 +268,8 @@ def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: fl
                init: str = "") -> Path:
     # Keyed by model (its name and ``model_digest`` of its initial state), dataset (its name, which for an
     # ImageFolder holds its content key, and subset), epochs and seed, and the recipe (lr, batch size).
-    key = json.dumps([model_name, init, data.name, len(data.y_train), len(data.y_test), data.mean, data.std,
-                      epochs, seed, lr, batch_size])
+    key = json.dumps([model_name, init, data.name, data.content, len(data.y_train), len(data.y_test), data.mean,
+                      data.std, epochs, seed, lr, batch_size])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "checkpoints" / f"{slug(model_name, 200)}-{digest}.pt"
 
@@ -286,8 +295,6 @@ def fp32_checkpoint(model_name: str, model: nn.Module, data: TensorData, *, epoc
             pass  # corrupt or stale: retrain below
     fit(model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, desc="fp32")
     top1 = evaluate(model, data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "top1": top1}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "top1": top1}, tmp)
     return {"top1": top1, "path": str(path), "cached": False}

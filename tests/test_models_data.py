@@ -153,3 +153,32 @@ def test_an_archive_copied_or_touched_keeps_its_dataset_name(tmp_path, monkeypat
         tar.add(root / "train", arcname="tree/train")
         tar.add(root / "train", arcname="tree/test")
     assert load_dataset(f"imagefolder:{archive}").name != first
+
+
+def test_mobilenet_v2_cifar_macs_equal_a_count_by_hand():
+    """MACs of a conv = out_channels · (in_channels/groups) · k² · output pixels; every kind of block."""
+    from hwsearch.profiling import profile_model
+
+    table, _ = profile_model("mobilenet_v2_cifar", (1, 3, 32, 32))
+    macs = {layer.name: layer.macs for layer in table.layers}
+
+    def conv(cout, cin_per_group, k, side):
+        return cout * cin_per_group * k * k * side * side
+
+    expected = {
+        "features.0.0": conv(32, 3, 3, 32),             # stem, stride 1
+        "features.1.conv.0.0": conv(32, 1, 3, 32),      # t=1 block: depthwise 3x3 ...
+        "features.1.conv.1": conv(16, 32, 1, 32),       # ... and the linear projection
+        "features.2.conv.0.0": conv(96, 16, 1, 32),     # t=6 block at stride 1: pointwise expansion,
+        "features.2.conv.1.0": conv(96, 1, 3, 32),      # depthwise,
+        "features.2.conv.2": conv(24, 96, 1, 32),       # projection
+        "features.4.conv.0.0": conv(144, 24, 1, 32),    # t=6 block at stride 2: expansion at 32x32,
+        "features.4.conv.1.0": conv(144, 1, 3, 16),     # depthwise down to 16x16,
+        "features.4.conv.2": conv(32, 144, 1, 16),      # projection at 16x16
+        "features.18.0": conv(1280, 320, 1, 4),         # last pointwise conv
+        "classifier.1": 1280 * 10,
+    }
+    assert {n: macs[n] for n in expected} == expected
+    assert table.macs == 87_976_448
+    depthwise = sum(m for n, m in macs.items() if n.endswith("conv.1.0") or n == "features.1.conv.0.0")
+    assert 0.06 < depthwise / table.macs < 0.07
