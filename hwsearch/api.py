@@ -56,8 +56,11 @@ def _setup(model, train, test, *, budgets, loss_fn, eval_fn, metric, name, datas
            options) -> tuple[RunConfig, object]:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module (your trained FP32 model), got {type(model).__name__}")
+    from . import dist
+
+    device = dist.setup(device)  # under torchrun: join the group first (the batches are sharded by rank)
     source = as_source(train, test, device=resolve_device(device), loss_fn=loss_fn, eval_fn=eval_fn, metric=metric,
-                       name=dataset_name, num_workers=num_workers)
+                       name=dataset_name, num_workers=num_workers, batch_size=options.get("batch_size", 128))
     config = RunConfig(model=model_ref(model, name), dataset=source.name, budgets=_budgets(budgets), device=device,
                        **options)
     return config, source
@@ -137,7 +140,7 @@ def search(model, train=None, test=None, *, trials: int | None = None, budgets: 
                                  seed=sampler_seed, storage=storage, study_name=study, baselines=baselines,
                                  anchor_bits=tuple(anchor_bits))
     result = run_search(search_config, model=model, data=source, out=out, progress=progress)
-    if out:  # the front, its hypervolume and plots beside the trials, as `hwsearch search` writes them
+    if out and result.study is not None:  # the front and plots beside the trials, as `hwsearch search` writes them
         from .pareto import write_pareto
 
         write_pareto(result.study, out)

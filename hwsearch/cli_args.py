@@ -120,6 +120,16 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
     p.add_argument("--input-std", type=_stats("--input-std"), metavar="S[,S,S]|none",
                    help="per-channel std your weights were trained with (default: the dataset's)")
     p.add_argument("--dataset", default="digits", help="digits | cifar10 | svhn | imagefolder:PATH (default digits)")
+    p.add_argument("--data-mode", choices=["auto", "memory", "stream"], default="auto",
+                   help="imagefolder: hold the decoded set in memory, or stream it from disk per batch (default "
+                        "auto: memory while it fits under HWSEARCH_MEMORY_LIMIT, a tenth of free memory)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="imagefolder: side of the square input (default: the images' own); above 64 pixels "
+                        "training uses RandomResizedCrop, testing Resize and CenterCrop")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (digits, text)")
+    p.add_argument("--loader-workers", type=non_negative_int,
+                   help="stream mode: DataLoader worker processes (default: cores - 1)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: batch norm over the global batch")
     p.add_argument("--budget-bitops", type=_quantity("--budget-bitops"),
                    help="BitOps cap: a number with an optional SI multiplier, e.g. 0.5G or 300M")
     p.add_argument("--budget-memory", type=_quantity("--budget-memory", "bytes"),
@@ -159,7 +169,8 @@ def add_run_arguments(p: argparse.ArgumentParser, *, budgets_required: bool = Fa
                    help="SINAREQ: strength of each layer's measured loss increase at its learned bits (default 0: off)")
     p.add_argument("--lr", type=positive_float, help="max SGD learning rate while quantized (default 0.02)")
     p.add_argument("--lr-fp32", type=positive_float, help="max SGD learning rate of the FP32 checkpoint (default 0.1)")
-    p.add_argument("--batch-size", type=positive_int, help="training batch size (default 128)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="training batch size (default 128); under torchrun the global batch, split over the processes")
     p.add_argument("--max-train", type=positive_int, help="train on a fixed random subset of this size")
     p.add_argument("--max-test", type=positive_int, help="test on a fixed random subset of this size")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the quantized training (default 0)")
@@ -186,7 +197,9 @@ def config_from_args(args, **overrides):
               "quantizer": args.quantizer, "act_bits": args.act_bits, "b_min": args.b_min, "b_max": args.b_max,
               "first_last_bits": args.first_last_bits, "seed": args.seed, "device": args.device,
               "max_train": args.max_train, "max_test": args.max_test, "compile": args.compile,
-              "tie_bits": args.tie_bits, "epochs": args.epochs, "weights": args.weights, **normalization(args)}
+              "tie_bits": args.tie_bits, "epochs": args.epochs, "weights": args.weights, **normalization(args),
+              "data_mode": args.data_mode, "image_size": args.image_size, "flip": not args.no_flip,
+              "loader_workers": args.loader_workers, "sync_bn": args.sync_bn}
     fields["allocator"] = args.allocator
     for name in ("init_bits", "fp32_epochs", "lambda_w", "lambda_b", "lambda_c", "lambda_s", "lr", "lr_fp32", "batch_size",
                  "search_epochs", "plan_lambda_w", "fp32_seed", "measured_qat_epochs"):

@@ -43,6 +43,10 @@ def _cmd_search(args) -> int:
         print("hwsearch: search interrupted; finished trials are kept in the study; the same command resumes it",
               file=sys.stderr)
         return 130
+    from . import dist
+
+    if not dist.is_main():  # under torchrun rank 0 holds the study and reports
+        return 0
     summary = write_pareto(result.study, out)
     print(f"study {args.study}: {result.completed} finished trials ({len(result.ran_here)} run by this worker)")
     _print_summary(result.study, summary, out)

@@ -38,6 +38,10 @@ def _cmd_run(args) -> int:
     except KeyboardInterrupt:
         print(f"hwsearch: interrupted; no plan was written; status in {out}/metrics.json", file=sys.stderr)
         return 130
+    from . import dist
+
+    if not dist.is_main():  # under torchrun rank 0 reports
+        return 0
     m, plan = result.metrics, result.plan
     totals = plan["totals"]
     name = "top-1" if m["metric"] == "top1" else m["metric"]
@@ -75,6 +79,10 @@ def _cmd_apply(args) -> int:
     plan = load_plan(args.plan, check_totals=False)  # verify_plan checks the layers against the model first
     result = verify_plan(plan, epochs=args.epochs, device=args.device, progress=not args.quiet, out=args.out,
                          source=args.plan, weights=args.weights)
+    from . import dist
+
+    if not dist.is_main():
+        return 0
     name = "top-1" if result["metric"] == "top1" else result["metric"]
     print(f"{f'plan {name} (recorded)':<22} {result['plan_top1']:.4f}")
     print(f"{f're-trained {name}':<22} {result['top1']:.4f}  ({_epochs(result['epochs'])} at the plan's bits)")

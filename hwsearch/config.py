@@ -22,6 +22,12 @@ class RunConfig:
     model: str = "resnet20"            # registered, torchvision, or package.module:factory (with a model
                                        # object: the name plans record)
     dataset: str = "digits"            # digits | cifar10 | svhn | imagefolder:PATH (with data objects: the name recorded)
+    data_mode: str = "auto"            # imagefolder: memory (decoded once, held on the device) | stream (decoded per
+                                       # batch by loader workers) | auto (memory while it fits under the limit)
+    image_size: int | None = None      # imagefolder: side of the square input (None: the images' own size)
+    flip: bool = True                  # random horizontal flips in training (off for digits and text)
+    loader_workers: int | None = None  # stream mode: DataLoader worker processes (None: cores - 1, at least 1)
+    sync_bn: bool = False              # under torchrun on GPUs: batch-norm statistics over the global batch
     weights: str | None = None         # FP32 weights file (a state_dict) used as given: no FP32 training
     input_mean: tuple[float, ...] | None = None  # input normalization (x/255 - mean)/std per channel; None: the
     input_std: tuple[float, ...] | None = None   # dataset's own statistics; (0,) and (1,): pixels in [0, 1]
@@ -90,6 +96,12 @@ class RunConfig:
                                  f"{len(self.input_mean)} and {len(self.input_std)}")
             if not all(s > 0 for s in self.input_std):
                 raise ValueError(f"input_std: every value must be > 0, got {self.input_std}")
+        if self.data_mode not in ("auto", "memory", "stream"):
+            raise ValueError(f"data_mode: expected auto, memory or stream, got {self.data_mode!r}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(f"image_size: must be at least 8 pixels, got {self.image_size}")
+        if self.loader_workers is not None and self.loader_workers < 0:
+            raise ValueError(f"loader_workers: must be >= 0, got {self.loader_workers}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator: expected one of {', '.join(ALLOCATORS)}, got {self.allocator!r}")
         if self.beta_update not in ("adam", "shared"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -64,6 +65,7 @@ class TensorData:
     std: tuple[float, ...]
     pad: int = 4
     flip: bool = True
+    recipe: str = "pad-crop"  # training augmentation: pad-crop (32-pixel sets) | resized-crop (larger images)
     loss_fn: Callable | None = None
     eval_fn: Callable | None = None
     metric: str = "top1"
@@ -93,38 +95,48 @@ class TensorData:
         return replace(self, **out)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        return normalize(x, self.mean, self.std)
 
     def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random crop (zero padding) and flip of a uint8 batch, on its device, in one gather."""
-        b, _, h, w = x.shape
-        if self.pad:
-            p = self.pad
-            xp = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b, 1), device=x.device, generator=generator)
-            dx = torch.randint(0, 2 * p + 1, (b, 1), device=x.device, generator=generator)
-            rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
-            cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
-            x = xp[torch.arange(b, device=x.device)[:, None, None, None],
-                   torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
-        if self.flip:
-            mask = torch.rand(b, device=x.device, generator=generator) < 0.5
-            x = torch.where(mask[:, None, None, None], x.flip(3), x)
-        return x
+        """Random crop (zero padding) and flip of a uint8 batch, on its device, in one gather; for larger
+        images (``recipe="resized-crop"``) a random resized crop instead (``resized_crop``)."""
+        if self.recipe == "resized-crop":
+            x = resized_crop(x, generator)
+        elif self.pad:
+            x = pad_crop(x, self.pad, generator)
+        return random_flip(x, generator) if self.flip else x
 
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of shuffled, augmented, normalized batches (the last partial batch is dropped)."""
+        """One epoch of shuffled, augmented, normalized batches (the last partial batch is dropped).
+
+        Under torchrun ``batch_size`` is the global batch: every rank draws the same shuffle (the same
+        seeded generator) and takes its own slice of each global batch."""
+        from . import dist
+
         n = len(self.y_train)
+        local, r = dist.local_batch(batch_size), dist.rank()
         perm = torch.randperm(n, device=self.device, generator=generator)
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i + r * local:i + (r + 1) * local]
             yield self.normalize(self.augment(self.x_train[idx], generator)), self.y_train[idx]
 
     def test_batches(self, batch_size: int = 1000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i in range(0, len(self.y_test), batch_size):
-            yield self.normalize(self.x_test[i:i + batch_size]), self.y_test[i:i + batch_size]
+        """The test split in order; under torchrun, this rank's contiguous shard of it."""
+        from . import dist
+
+        n, w, r = len(self.y_test), dist.world_size(), dist.rank()
+        lo, hi = n * r // w, n * (r + 1) // w
+        for i in range(lo, hi, batch_size):
+            j = min(i + batch_size, hi)
+            yield self.normalize(self.x_test[i:j]), self.y_test[i:j]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.y_test)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Batches in one epoch of ``train_batches`` (the last partial batch is dropped)."""
@@ -149,17 +161,67 @@ class TensorData:
         return score(self, model)
 
 
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels to the model's input: (x/255 - mean)/std per channel, as floats."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / s
+
+
+def pad_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """A random crop of each image of a uint8 batch after ``pad`` pixels of zero padding, in one gather."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]
+    return xp[torch.arange(b, device=x.device)[:, None, None, None],
+              torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of the batch flipped horizontally with probability 1/2."""
+    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """RandomResizedCrop (Szegedy et al. 2015; torchvision's defaults) of a whole uint8 batch on its device:
+    each image's box (area ``scale`` of the image, aspect ``ratio``) cut out and resized back to the
+    image's size by ``torchvision.ops.roi_align`` (bilinear), in one call for the batch."""
+    from torchvision.ops import roi_align
+
+    b, _, h, w = x.shape
+    dev = x.device
+    area = h * w * torch.empty(b, device=dev).uniform_(*scale, generator=generator)
+    log_r = torch.empty(b, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = torch.exp(log_r)
+    cw = torch.sqrt(area * r).clamp(1, w)
+    ch = torch.sqrt(area / r).clamp(1, h)
+    x0 = torch.rand(b, device=dev, generator=generator) * (w - cw)
+    y0 = torch.rand(b, device=dev, generator=generator) * (h - ch)
+    boxes = torch.stack([torch.arange(b, device=dev, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], 1)
+    out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 @torch.no_grad()
-def top1(model, batches) -> float:
-    """Top-1 accuracy of ``model`` over ``(input, target)`` batches, in [0, 1]; one host sync at the end."""
-    correct, count = None, 0
+def top1(model, batches, device=None) -> float:
+    """Top-1 accuracy of ``model`` over ``(input, target)`` batches, in [0, 1]; one host sync at the end.
+    Under torchrun the batches are this rank's shard and the counts are summed over ranks."""
+    from . import dist
+
+    counts = None
     for x, y in batches:
-        hits = (model(x).argmax(1) == y).sum()
-        correct = hits if correct is None else correct + hits
-        count += len(y)
+        step = torch.stack([(model(x).argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)])
+        counts = step if counts is None else counts + step
+    if counts is None:
+        counts = torch.zeros(2, dtype=torch.long, device=device)
+    correct, count = dist.all_sum(counts).tolist()
     if not count:
         raise ValueError("test data: no test samples")
-    return float(correct) / count
+    return correct / count
 
 
 def check_score(value, what: str = "eval_fn") -> float:
@@ -182,7 +244,7 @@ def score(data, model) -> float:
         if data.eval_fn is not None:
             with torch.no_grad():
                 return check_score(data.eval_fn(model))
-        return top1(model, data.test_batches())
+        return top1(model, data.test_batches(), data.device)
     finally:
         model.train(was)
 
@@ -244,14 +306,51 @@ def _svhn(root: Path | None = None) -> TensorData:
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _decode(path: str) -> np.ndarray:
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def open_image(path: str, channels: int = 3, size: int | None = None):
+    """A PIL image in ``channels`` (1: grayscale, 3: RGB); with ``size``, resized so that its shorter side is
+    ``size`` and centre-cropped to ``size``x``size`` (a square image of that size is left as it is).
+
+    Raises:
+        ValueError: a file PIL cannot read, named.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            im = im.convert("L" if channels == 1 else "RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"imagefolder: cannot read image {path}: {exc}") from None
+    if size and im.size != (size, size):
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
+def _decode(path: str, channels: int = 3, size: int | None = None) -> np.ndarray:
+    a = np.asarray(open_image(path, channels, size), dtype=np.uint8)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def survey(path: Path, classes: list[str]) -> dict:
+    """What deciding how to load an ImageFolder needs, from file names and one image header: the number
+    of train and test images, the first image's size and its channels (1 for grayscale)."""
+    from PIL import Image
+
+    train, _ = _image_files(path / "train", classes)
+    test, _ = _image_files(path / "test", classes)
+    try:
+        with Image.open(train[0]) as im:
+            size, mode = im.size, im.mode
+    except OSError as exc:
+        raise ValueError(f"imagefolder: cannot read image {train[0]}: {exc}") from None
+    return {"n_train": len(train), "n_test": len(test), "size": size, "channels": 1 if mode in GRAY_MODES else 3}
 
 
 def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], list[int]]:
@@ -266,13 +365,19 @@ def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], list[i
     return files, labels
 
 
-def _read_split(split_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _read_split(split_dir: Path, classes: list[str], channels: int, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a split; images whose size differs from the first one's are resized (``open_image``) to
+    ``size``, or to the first image's shorter side when no size is given."""
+    import functools
+
     files, labels = _image_files(split_dir, classes)
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        images = list(pool.map(_decode, files, chunksize=512))
+        images = list(pool.map(functools.partial(_decode, channels=channels, size=size), files, chunksize=512))
     shapes = {im.shape for im in images}
-    if len(shapes) != 1:
-        raise ValueError(f"imagefolder: images under {split_dir} differ in size {sorted(shapes)[:3]}; resize them first")
+    if len(shapes) != 1:  # sizes differ and no size was asked: the first image's shorter side, square
+        side = min(images[0].shape[:2])
+        with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            images = list(pool.map(functools.partial(_decode, channels=channels, size=side), files, chunksize=512))
     return np.stack(images).transpose(0, 3, 1, 2).copy(), np.asarray(labels, dtype=np.int64)
 
 
@@ -348,12 +453,8 @@ def _unpack(archive: Path) -> Path:
     return found[0]
 
 
-def load_imagefolder(path: str | Path) -> TensorData:
-    """Decode ``PATH/train`` and ``PATH/test`` (ImageFolder layout, or a .tar.gz of it) once, then cache.
-
-    The decoded tensors are cached by the folder's content (``content_key``): a folder whose images
-    changed is decoded again (and the log says so), never served from a stale cache.
-    """
+def imagefolder_root(path: str | Path) -> tuple[Path, list[str]]:
+    """The folder holding train/ and test/ (an archive unpacked once, by content) and its classes."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ValueError(f"imagefolder: no such path {str(path)!r}")
@@ -361,8 +462,29 @@ def load_imagefolder(path: str | Path) -> TensorData:
         path = _unpack(path)
     if not (path / "train").is_dir() or not (path / "test").is_dir():
         raise ValueError(f"imagefolder: {path} must hold train/ and test/ folders of class subfolders")
-    classes = _classes(path)
+    return path, _classes(path)
+
+
+def recipe_for(side: int) -> str:
+    """The standard training augmentation for images of this side: pad-crop and flip up to 64 pixels
+    (CIFAR's), RandomResizedCrop and flip above (ImageNet's)."""
+    return "pad-crop" if side <= 64 else "resized-crop"
+
+
+def load_imagefolder(path: str | Path, *, image_size: int | None = None) -> TensorData:
+    """Decode ``PATH/train`` and ``PATH/test`` (ImageFolder layout, or a .tar.gz of it) once, then cache.
+
+    Images keep one channel when the first is grayscale (else RGB). With ``image_size``, or when their
+    sizes differ, they are resized (shorter side) and centre-cropped to a square at decoding; training
+    then augments on the device with the recipe for that size (``recipe_for``). The decoded tensors are
+    cached by the folder's content (``content_key``): a folder whose images changed is decoded again
+    (and the log says so), never served from a stale cache.
+    """
+    path, classes = imagefolder_root(path)
+    channels = survey(path, classes)["channels"]
     key = content_key(path, classes)
+    if channels != 3 or image_size:  # the default (RGB, own size) keeps the plain key: caches made before stay valid
+        key = f"{key}-{channels}c{image_size or ''}"
     where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     cached = cache_dir() / "tensors" / f"imagefolder-{key}.pt"
     last = cache_dir() / "tensors" / f"imagefolder-path-{where}.txt"  # the key this path had last time
@@ -376,8 +498,9 @@ def load_imagefolder(path: str | Path) -> TensorData:
         if data is None:
             if last.exists() and last.read_text().strip() != key:
                 log.info("imagefolder %s changed since it was cached: decoding it again", path)
-            x_tr, y_tr = _read_split(path / "train", classes)
-            x_te, y_te = _read_split(path / "test", classes)
+            x_tr, y_tr = _read_split(path / "train", classes, channels, image_size)
+            square = x_tr.shape[-1] if x_tr.shape[-1] == x_tr.shape[-2] else None
+            x_te, y_te = _read_split(path / "test", classes, channels, image_size or square)
             data = {"x_train": torch.from_numpy(x_tr), "y_train": torch.from_numpy(y_tr),
                     "x_test": torch.from_numpy(x_te), "y_test": torch.from_numpy(y_te)}
             with atomic_path(cached) as tmp:
@@ -389,7 +512,7 @@ def load_imagefolder(path: str | Path) -> TensorData:
     std = tuple(max(v, 1 / 255) for v in x.std(dim=(0, 2, 3)).tolist())
     h = data["x_train"].shape[-1]
     return TensorData(f"imagefolder:{path}", data["x_train"], data["y_train"], data["x_test"], data["y_test"],
-                      len(classes), mean, std, pad=max(1, h // 8), content=key)
+                      len(classes), mean, std, pad=max(1, h // 8), content=key, recipe=recipe_for(h))
 
 
 def load_dataset(name: str, *, root: Path | None = None) -> TensorData:

@@ -18,9 +18,10 @@ from torch import nn
 
 from cost_models import LayerTable, get_cost_model, profile
 
+from . import dist
 from .config import RunConfig
 from .costs import FLOAT_BITS, float_layers, quantizable_layers
-from .data import TensorData, load_dataset
+from .data import TensorData, load_dataset, load_imagefolder
 from .fused import stack_scalars
 from .models import create_model
 from .quant import quant_layers, quantize_model, take_penalties
@@ -64,12 +65,41 @@ class Prepared:
             self.float_bits = torch.tensor(float(FLOAT_BITS), device=self.device)
 
 
-def load_data(config: RunConfig, device: torch.device) -> TensorData:
+def load_data(config: RunConfig, device: torch.device):
     """The configured dataset (and fixed subset) on ``device``, normalized with ``config.input_mean``/
-    ``input_std`` when given (the statistics the user's weights were trained with)."""
-    data = load_dataset(config.dataset)
+    ``input_std`` when given (the statistics the user's weights were trained with).
+
+    An ``imagefolder:`` set is held in memory or streamed from disk (``config.data_mode``; ``auto``
+    chooses by its decoded size, and says which it chose); other sets are held in memory.
+
+    Raises:
+        ValueError: ``stream`` for a set that cannot stream; normalization that does not fit the images.
+    """
+    if config.dataset.startswith("imagefolder:"):
+        from .stream import StreamData, choose_mode
+
+        path = config.dataset.split(":", 1)[1]
+        mode, why = choose_mode(path, config.data_mode, config.image_size)
+        if config.data_mode == "auto" and dist.is_main():
+            log.info("data: %s mode (%s)", mode, why)
+        if mode == "stream":
+            if config.input_mean is not None:
+                raise ValueError("input_mean/input_std: not yet for a streamed dataset; use --data-mode memory")
+            return StreamData(path, device=device, image_size=config.image_size, flip=config.flip,
+                              workers=config.loader_workers, max_train=config.max_train, max_test=config.max_test,
+                              batch_size=config.batch_size)
+        data = load_imagefolder(path, image_size=config.image_size)
+    else:
+        if config.data_mode == "stream":
+            raise ValueError(f"--data-mode stream: {config.dataset!r} cannot stream (it is held in memory as "
+                             f"tensors); only imagefolder:PATH sets are read from disk per batch")
+        if config.image_size:
+            raise ValueError(f"--image-size: applies to imagefolder:PATH sets, not {config.dataset!r}")
+        data = load_dataset(config.dataset)
     if config.max_train or config.max_test:
         data = data.subset(config.max_train, config.max_test, seed=0)
+    if not config.flip:
+        data = replace(data, flip=False)
     if config.input_mean is not None:
         channels = data.input_shape[1]
         for name in ("input_mean", "input_std"):
@@ -115,7 +145,8 @@ def prepare(config: RunConfig, *, model: nn.Module | None = None, data=None) -> 
         InfeasibleBudget: a budget below the all-minimum cost (the message names the minimum).
         ValueError: weights that do not fit the model, data that cannot be read.
     """
-    device = resolve_device(config.device)
+    device = resolve_device(dist.setup(config.device))
+    dist.local_batch(config.batch_size)  # a world size that does not divide the batch fails here, before any file
     if data is None:
         data = load_data(config, device)
     else:
@@ -125,6 +156,10 @@ def prepare(config: RunConfig, *, model: nn.Module | None = None, data=None) -> 
         data = data.to(device)
     model, pretrained = build_model(config, data, model)
     table = profile(model, data.input_shape)
+    if config.sync_bn and dist.world_size() > 1:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn: needs GPUs (torch's SyncBatchNorm runs on CUDA only)")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     quantizable = quantizable_layers(table, model)
     left = float_layers(table, model)
     weighted = [i for i, layer in enumerate(table.layers) if layer.name in quantizable]

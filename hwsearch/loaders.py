@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .data import score
 
-__all__ = ["LoaderData", "as_source"]
+__all__ = ["EpochBatches", "LoaderData", "as_source"]
 
 
 def _describe(obj) -> str:
@@ -37,6 +37,14 @@ def _check_pair(batch, where: str) -> tuple[torch.Tensor, object]:
     return x, batch[1]
 
 
+def _length(obj) -> int | None:
+    """Samples in a Dataset or under a DataLoader (None when it cannot say)."""
+    try:
+        return len(obj.dataset if isinstance(obj, DataLoader) else obj)
+    except TypeError:
+        return None
+
+
 def _to(value, device: torch.device):
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
@@ -47,26 +55,54 @@ def _to(value, device: torch.device):
     return value
 
 
+class EpochBatches(Sampler):
+    """This rank's slice of each global batch of a seeded permutation (``seed`` set before each epoch): the
+    order and the sharding ``TensorData`` uses, for a Dataset (the last partial global batch dropped)."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        from . import dist
+
+        self.n, self.batch_size = n, batch_size
+        self.local, self.rank = dist.local_batch(batch_size), dist.rank()
+        self.seed = 0
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for i in range(0, self.n - self.batch_size + 1 if self.n >= self.batch_size else 1, self.batch_size):
+            yield perm[i + self.rank * self.local:i + (self.rank + 1) * self.local]
+
+    def __len__(self) -> int:
+        return max(1, self.n // self.batch_size)
+
+
 class LoaderData:
     """Batches from a user's Dataset or DataLoader, on ``device``.
 
     Args:
-        train, test: a ``Dataset`` (batched here: shuffled with the run's seed, the last partial
-            batch dropped, as hwsearch's own data) or a ``DataLoader`` (used as it is, with its own
-            batch size, sampler and workers), yielding ``(input, target)``.
+        train, test: a ``Dataset`` (batched here: shuffled with the run's seed, the last partial batch
+            dropped, as hwsearch's own data; under torchrun each rank takes its slice of every global
+            batch and its shard of the test set) or a ``DataLoader`` (used as it is, with its own batch
+            size, sampler and workers; under torchrun give it a ``DistributedSampler``, whose ``set_epoch``
+            is called), yielding ``(input, target)``.
+        batch_size: the global training batch for a ``Dataset``.
         loss_fn: ``loss_fn(output, target) -> scalar tensor``; default cross-entropy.
         eval_fn: ``eval_fn(model) -> float``, higher is better; default top-1 on ``test``.
         metric: the name of what ``eval_fn`` returns (default: top1, or the function's name).
         name: what plans record as the dataset.
         num_classes: recorded with a checkpoint (None when the output is not class logits).
+        num_workers: DataLoader worker processes for a ``Dataset`` (persistent when > 0).
+        test_batch: the test batch size for a ``Dataset``.
 
     Raises:
         ValueError: a loader that does not yield ``(input, target)``, or an empty one.
     """
 
     def __init__(self, train: Dataset | DataLoader, test: Dataset | DataLoader, *, device: torch.device | str = "cpu",
-                 loss_fn: Callable | None = None, eval_fn: Callable | None = None, metric: str | None = None,
-                 name: str | None = None, num_classes: int | None = None, num_workers: int = 0) -> None:
+                 batch_size: int = 128, loss_fn: Callable | None = None, eval_fn: Callable | None = None,
+                 metric: str | None = None, name: str | None = None, num_classes: int | None = None,
+                 num_workers: int = 0, test_batch: int = 1000) -> None:
+        from . import dist
+
         for what, obj in (("train", train), ("test", test)):
             if not isinstance(obj, (Dataset, DataLoader)):
                 raise ValueError(f"{what}: expected a torch.utils.data Dataset or DataLoader, got {_describe(obj)}")
@@ -74,30 +110,39 @@ class LoaderData:
             raise ValueError(f"loss_fn: expected a callable loss_fn(output, target), got {_describe(loss_fn)}")
         if eval_fn is not None and not callable(eval_fn):
             raise ValueError(f"eval_fn: expected a callable eval_fn(model) -> float, got {_describe(eval_fn)}")
-        self.train, self.test = train, test
         self.device = torch.device(device)
         self.loss_fn, self.eval_fn = loss_fn, eval_fn
         self.metric = metric or ("top1" if eval_fn is None else getattr(eval_fn, "__name__", "metric"))
         self.name = name or f"custom:{_describe(train.dataset if isinstance(train, DataLoader) else train)}"
         self.num_classes = num_classes
-        self.num_workers = num_workers
-        first = self._first(train, "train")
-        self._first(test, "test")
-        self._first_x = first.to(self.device)
+        self._first_x = self._first(train, "train", batch_size).to(self.device)
+        self._first(test, "test", 1)
         self.mean = self.std = None
+        common = {"num_workers": num_workers, "pin_memory": self.device.type == "cuda",
+                  "persistent_workers": num_workers > 0}
+        self.n_train, self.n_test = _length(train), _length(test)
+        self.sampler = None
+        if isinstance(train, Dataset):
+            self.sampler = EpochBatches(len(train), batch_size)
+            train = DataLoader(train, batch_sampler=self.sampler, **common)
+        if isinstance(test, Dataset):
+            n, w, r = len(test), dist.world_size(), dist.rank()
+            shard = Subset(test, range(n * r // w, n * (r + 1) // w))  # this rank's contiguous part
+            test = DataLoader(shard, batch_size=test_batch, shuffle=False, **common)
+        self.train, self.test = train, test
 
-    def _first(self, obj, what: str) -> torch.Tensor:
-        """The first batch's input (a Dataset's first sample, batched), checked to be (input, target)."""
+    def _first(self, obj, what: str, count: int) -> torch.Tensor:
+        """The inputs of the first batch (of a Dataset: its first ``count`` samples, batched), checked to be
+        (input, target) pairs; they set the input shape and the PACT clips' starting range."""
         where = f"{what} {'loader' if isinstance(obj, DataLoader) else 'dataset'}"
         try:
             if isinstance(obj, DataLoader):
-                batch = next(iter(obj))
-            else:
-                batch = obj[0]
+                return _check_pair(next(iter(obj)), where)[0]
+            if len(obj) == 0:
+                raise IndexError
+            return torch.stack([_check_pair(obj[i], where)[0] for i in range(min(count, len(obj)))])
         except (StopIteration, IndexError):
             raise ValueError(f"{where}: is empty") from None
-        x, _ = _check_pair(batch, where)
-        return x if isinstance(obj, DataLoader) else x.unsqueeze(0)
 
     def to(self, device) -> LoaderData:
         self.device = torch.device(device)
@@ -109,24 +154,9 @@ class LoaderData:
         return (1, *self._first_x.shape[1:])
 
     @property
-    def preprocessing(self) -> None:
+    def preprocessing(self) -> dict | None:
         """None: the user's loader prepares inputs; hwsearch does not know how."""
         return None
-
-    def _loader(self, obj, batch_size: int, generator: torch.Generator | None, *, train: bool) -> DataLoader:
-        if isinstance(obj, DataLoader):
-            sampler = getattr(obj, "sampler", None)
-            if train and generator is not None and hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device)))
-            return obj
-        cpu_gen = None
-        if train and generator is not None:
-            # The shuffle follows the run's seeded generator (on whatever device it lives).
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-            cpu_gen = torch.Generator().manual_seed(seed)
-        return DataLoader(obj, batch_size=batch_size, shuffle=train, drop_last=train and len(obj) >= batch_size,
-                          generator=cpu_gen, num_workers=self.num_workers,
-                          pin_memory=self.device.type == "cuda")
 
     def _batches(self, loader: DataLoader, where: str) -> Iterator[tuple[torch.Tensor, object]]:
         for batch in loader:
@@ -134,18 +164,26 @@ class LoaderData:
             yield _to(x, self.device), _to(y, self.device)
 
     def train_batches(self, batch_size: int, generator: torch.Generator | None = None):
-        """One epoch of training batches on the device."""
-        return self._batches(self._loader(self.train, batch_size, generator, train=True), "train loader")
+        """One epoch of training batches on the device, in an order drawn from ``generator``."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)) if generator else 0
+        if self.sampler is not None:
+            if batch_size != self.sampler.batch_size:
+                raise ValueError(f"batch_size: these batches were built for {self.sampler.batch_size}, "
+                                 f"asked {batch_size}")
+            self.sampler.seed = seed
+        elif hasattr(getattr(self.train, "sampler", None), "set_epoch"):
+            self.train.sampler.set_epoch(seed % (2**31 - 1))
+        return self._batches(self.train, "train loader")
 
     def test_batches(self, batch_size: int = 1000):
-        """The test split's batches on the device, in order."""
-        return self._batches(self._loader(self.test, batch_size, None, train=False), "test loader")
+        """The test split's batches on the device, in order (under torchrun, this rank's shard)."""
+        return self._batches(self.test, "test loader")
 
     def steps_per_epoch(self, batch_size: int) -> int:
+        if self.sampler is not None:
+            return len(self.sampler)
         try:
-            if isinstance(self.train, DataLoader):
-                return max(1, len(self.train))
-            return max(1, len(self.train) // batch_size)
+            return max(1, len(self.train))
         except TypeError:
             raise ValueError("train: the loader has no length; the learning-rate schedule and the freeze "
                              "point need the number of steps (give a map-style Dataset, or a DataLoader "

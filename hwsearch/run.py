@@ -19,6 +19,7 @@ from torch import nn
 
 from cost_models import LayerTable, get_cost_model, profile
 
+from . import dist
 from .checkpoint import apply_plan, save_quantized
 from .config import RunConfig
 from .data import TensorData
@@ -221,8 +222,9 @@ def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: st
             metrics.json records the status and no plan is written; the exception propagates.
     """
     t_start = time.time()
-    run_dir = Path(out) if out else None
     prep = prepare(config, model=model, data=data)
+    run_dir = Path(out) if out and dist.is_main() else None  # under torchrun rank 0 alone writes and shows progress
+    progress = progress and dist.is_main()
     metric = prep.data.metric
     # A given FP32 model is scored before anything is written: a broken eval_fn or loader fails here.
     ck = _fp32_start(config, prep.model, prep.data, prep.pretrained, progress) if prep.pretrained else None
@@ -230,7 +232,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: st
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(run_dir / "config.json", {**config.to_dict(), "resolved_device": str(prep.device)})
     metrics: dict = {"status": "running", "allocator": "uniform" if config.fixed_bits else config.allocator,
-                     "metric": metric, "float_layers": prep.float_layers}
+                     "metric": metric, "float_layers": prep.float_layers, "world_size": dist.world_size(),
+                     "backend": dist.backend()}
     history: list[dict] = []
     try:
         ck = ck or _fp32_start(config, prep.model, prep.data, prep.pretrained, progress)
@@ -342,7 +345,9 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
     cfg = replace(cfg, model=plan["model"], dataset=plan["dataset"], device=device, budgets={},
                   epochs=epochs or cfg.epochs,
                   weights=_recorded_weights(plan, weights) if model is None else cfg.weights)
-    dev = resolve_device(device)
+    dev = resolve_device(dist.setup(device))
+    progress = progress and dist.is_main()
+    dist.local_batch(cfg.batch_size)
     data = load_data(cfg, dev) if data is None else data.to(dev)
     model, pretrained = build_model(cfg, data, model)
     table = profile(model, data.input_shape)
@@ -354,8 +359,8 @@ def verify_plan(plan: dict, *, epochs: int | None = None, device: str = "auto", 
                [by_name[n]["act_bits"] for n in table.names], config=cfg, progress=progress, desc="apply")
     top1 = evaluate(model, data)
     result = {"top1": top1, "plan_top1": plan["metrics"].get("top1"), "fp32_top1": ck["top1"], "epochs": cfg.epochs,
-              "metric": data.metric}
-    if out:
+              "metric": data.metric, "world_size": dist.world_size()}
+    if out and dist.is_main():
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         trained = {**plan, "metrics": {**plan["metrics"], "top1": top1}}

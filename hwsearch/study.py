@@ -27,6 +27,7 @@ from typing import Any
 
 from cost_models import get_cost_model
 
+from . import dist
 from .config import RunConfig
 from .files import write_json
 
@@ -379,7 +380,6 @@ def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress
     """Uniform W/A baselines (first/last at 8; plain DoReFa/WRPN + PACT, same epochs) and the FP32 point,
     once per study. Each baseline is claimed by one worker at a time (the claim carries a heartbeat,
     so a dead worker's claim goes stale); with ``block``, wait until every baseline is stored."""
-    from .run import run
 
     table = prep.table
     while True:
@@ -407,7 +407,7 @@ def _run_baselines(study, config: SearchConfig, prep, out: Path | None, progress
                       first_last_bits=config.base.first_last_bits or 8)
         key = f"baseline_claim_w{chosen}"
         with _Beat(lambda k=key: study.set_user_attr(k, time.time()), config.heartbeat_s):
-            res = run(cfg, model=model, data=data, out=(out / "baselines" / f"w{chosen}a{chosen}") if out else None,
+            res = _run_all(cfg, model=model, data=data, out=(out / "baselines" / f"w{chosen}a{chosen}") if out else None,
                       progress=progress)
         values = _objective_values(res.plan, config, table)
         n = len(table)
@@ -443,9 +443,12 @@ def search(config: SearchConfig, *, model=None, data=None, out: str | Path | Non
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    from .run import prepare, run
+    from .run import prepare
 
     prep = prepare(config.base, model=model, data=data)  # validates budgets before anything is created
+    if not dist.is_main():  # under torchrun: rank 0 talks to the study, every rank trains each trial
+        _follow(model, data)
+        return SearchResult(None, None, 0, [])
     out = Path(out) if out else None
     if config.storage and not config.storage.startswith("sqlite"):
         _storage(config, None)  # an unreachable server fails here, before anything is created
@@ -487,7 +490,7 @@ def search(config: SearchConfig, *, model=None, data=None, out: str | Path | Non
                 cfg = _trial_config(trial, config, prep)
                 trial_dir = out / "trials" / f"{trial.number:04d}" if out else None
                 try:
-                    res = run(cfg, model=model, data=data, out=trial_dir)
+                    res = _run_all(cfg, model=model, data=data, out=trial_dir)
                 except KeyboardInterrupt:
                     study.tell(trial, state=TrialState.FAIL)
                     raise
@@ -509,4 +512,25 @@ def search(config: SearchConfig, *, model=None, data=None, out: str | Path | Non
         bar.close()
     if config.baselines:  # the front is drawn against every baseline: finish or wait for the rest
         _run_baselines(study, config, prep, out, progress, block=True, model=model, data=data)
+    dist.broadcast_object(None)  # the other ranks' loop ends
     return SearchResult(study, out, _counts(study)["COMPLETE"], ran)
+
+
+def _run_all(cfg: RunConfig, *, model, data, out, progress: bool = False):
+    """``run`` on every rank: rank 0 sends the trial's config to the others (``_follow``) first."""
+    from .run import run
+
+    dist.broadcast_object(cfg)
+    return run(cfg, model=model, data=data, out=out, progress=progress)
+
+
+def _follow(model, data) -> None:
+    """The loop of ranks other than 0 in a torchrun search: train each config rank 0 sends (one DDP job per
+    trial, as rank 0 runs it) until it sends None. A trial that fails here fails on rank 0 too."""
+    from .run import run
+
+    while (cfg := dist.broadcast_object(None)) is not None:
+        try:
+            run(cfg, model=model, data=data)
+        except Exception:  # noqa: S112 - rank 0 records the failure and sends the next trial
+            continue

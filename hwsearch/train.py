@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import dist
 from .data import TensorData, cache_dir
 from .files import atomic_path
 from .optim import OneCycleSGD, ScalarAdam, one_cycle
@@ -78,6 +79,8 @@ def recalibrate_bn(model: nn.Module, data: TensorData, *, batches: int = 20, bat
             model(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+    # Under torchrun each rank saw its own batches: average, so that every rank holds the same model.
+    dist.all_mean_([t for m in norms for t in (m.running_mean, m.running_var)])
     model.train(was)
     return len(norms)
 
@@ -163,10 +166,31 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
         if qopt:
             qopt.zero_grad(set_to_none=True)
 
+    # Under torchrun, DistributedDataParallel averages the gradients of everything that trains (network
+    # weights, learned bits, scales, clips) over the ranks, so every rank steps identically. It is built
+    # again whenever the set of trained parameters changes (SINAREQ's freeze stops the bits).
+    ddp: dict = {"net": model, "trained": None}
+
+    def net() -> nn.Module:
+        if dist.world_size() > 1:
+            trained = tuple(id(p) for p in model.parameters() if p.requires_grad)
+            if trained != ddp["trained"]:
+                from torch.nn.parallel import DistributedDataParallel
+
+                # Some trained tensors get no gradient in a step (a clip whose input is not quantized, a
+                # DoReFa scale): DDP must look for them.
+                ddp["net"] = DistributedDataParallel(model, device_ids=[data.device.index] if cuda else None,
+                                                     find_unused_parameters=True)
+                ddp["trained"] = trained
+        return ddp["net"]
+
+    if compile and dist.world_size() > 1:
+        raise ValueError("--compile: not supported with several processes yet; run without it under torchrun")
+
     def train_step(x: torch.Tensor, y: torch.Tensor, i) -> dict[str, torch.Tensor]:
         """Forward, loss terms, backward, both optimizers and the projection; returns the step's logs."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss = data.loss(model(x), y)
+            loss = data.loss(net()(x), y)
         logs = {"task_loss": loss.detach()}
         if hook and hook.loss:
             extra, extra_logs = hook.loss(i, total)
@@ -241,6 +265,7 @@ def fit(model: nn.Module, data: TensorData, *, epochs: int, lr: float, batch_siz
                     bar.update(1)
     finally:
         bar.close()
+    dist.sync_buffers(model)
     return history
 
 
@@ -268,7 +293,7 @@ def _ckpt_path(model_name: str, data: TensorData, epochs: int, seed: int, lr: fl
                init: str = "") -> Path:
     # Keyed by model (its name and ``model_digest`` of its initial state), dataset (its name, which for an
     # ImageFolder holds its content key, and subset), epochs and seed, and the recipe (lr, batch size).
-    key = json.dumps([model_name, init, data.name, data.content, len(data.y_train), len(data.y_test), data.mean,
+    key = json.dumps([model_name, init, data.name, data.content, data.n_train, data.n_test, data.mean,
                       data.std, epochs, seed, lr, batch_size])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "checkpoints" / f"{slug(model_name, 200)}-{digest}.pt"
@@ -281,20 +306,31 @@ def fp32_checkpoint(model_name: str, model: nn.Module, data: TensorData, *, epoc
     untrained), so a changed factory or architecture gets a checkpoint of its own. A cache file that
     fails to load or does not match the model is treated as absent and replaced.
 
+    Under torchrun rank 0 decides whether the cache holds it (every rank then loads it), or all ranks
+    train it once together and rank 0 writes it.
+
     Returns ``{"top1": float, "path": str, "cached": bool}``.
     """
     path = _ckpt_path(model_name, data, epochs, seed, lr, batch_size, model_digest(model))
-    if path.exists():
+
+    def load() -> float | None:
         try:
             blob = torch.load(path, map_location=data.device, weights_only=True)
             model.load_state_dict(blob["state_dict"])
             top1 = float(blob["top1"])
-            if math.isfinite(top1):
-                return {"top1": top1, "path": str(path), "cached": True}
+            return top1 if math.isfinite(top1) else None
         except Exception:
-            pass  # corrupt or stale: retrain below
+            return None  # absent, corrupt or stale: trained below
+
+    top1 = dist.broadcast_object(load() if dist.is_main() else None)
+    if top1 is not None:
+        if not dist.is_main():
+            load()
+        return {"top1": top1, "path": str(path), "cached": True}
     fit(model, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress, desc="fp32")
     top1 = evaluate(model, data)
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "top1": top1}, tmp)
+    if dist.is_main():
+        with atomic_path(path) as tmp:
+            torch.save({"state_dict": model.state_dict(), "top1": top1}, tmp)
+    dist.barrier()
     return {"top1": top1, "path": str(path), "cached": False}

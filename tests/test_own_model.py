@@ -194,13 +194,14 @@ def test_python_api_over_a_users_dataset_or_loader(own, cli_run, kind, results):
     assert result.plan["model"].endswith("owncnn:OwnCNN") and result.plan["dataset"] == "custom:TensorDataset"
     # Not the CLI's batches: hwsearch's digits tensors train with a 1-pixel random crop, the user's Dataset
     # without one (as the weights were trained), in another order. bench/own_model_spread.py (seeds 0-4,
-    # results in bench/results/own-model/spread.json): the CLI's path 93.9-95.0%, the Dataset's 96.7-97.8%,
-    # the DataLoader's 96.4-97.5%; each path's seed range is 1.1 points (4 of 360 images), and the API's
-    # paths score 1.9-3.4 points above the CLI's at equal seeds (the augmentation). Hence 4 points.
-    assert abs(result.metrics["top1"] - cli_plan["metrics"]["top1"]) <= 0.04
+    # bench/results/own-model/spread.json): the CLI's path 93.9-95.0%, the Dataset's 95.8-98.9%, the
+    # DataLoader's 96.4-97.5%; the API's paths score 0.8-4.4 points above the CLI's at equal seeds (the
+    # augmentation), and the Dataset and DataLoader differ by at most 2.5 points (seed ranges up to 3.1
+    # points, 11 of 360 images). Hence 5 points and 3.5 points.
+    assert abs(result.metrics["top1"] - cli_plan["metrics"]["top1"]) <= 0.05
     results[kind] = result.metrics["top1"]
-    if len(results) == 2:  # a Dataset and a DataLoader of the same images: within twice a path's seed range
-        assert abs(results["dataset"] - results["dataloader"]) <= 0.023
+    if len(results) == 2:
+        assert abs(results["dataset"] - results["dataloader"]) <= 0.035
 
 
 class _Regression(Dataset):
