@@ -3,13 +3,13 @@
 # alone), then BENCHMARKS.md. About 4 hours on a 2-core machine (the decisive comparison and its
 # search are most of it); each part resumes where it stopped.
 #
-#   bash bench/cpu_all.sh [RESULTS_DIR]        # default bench/results/cpu
+#   bash bench/cpu_all.sh [RESULTS_DIR]        # default bench/results/cpu-suite
 #   CIFAR=path/to/cifar10-jpeg.tar.gz           # default ../shared/data/cifar10-jpeg.tar.gz
 #
 # A search or evidence folder that exists is resumed, not redone: remove it to measure afresh.
 set -u
 PY=${PYTHON:-python3}
-RES=${1:-bench/results/cpu}
+RES=${1:-bench/results/cpu-suite}
 CIFAR=${CIFAR:-../shared/data/cifar10-jpeg.tar.gz}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore

@@ -7,11 +7,11 @@
 #           hypervolume against the uniform baselines
 # then BENCHMARKS.md for these results. PARTS selects parts (default: all).
 #
-#   bash bench/gpu_full.sh [RESULTS_DIR]                 # default bench/results/gpu
+#   bash bench/gpu_full.sh [RESULTS_DIR]                 # default bench/results/gpu-suite
 #   PARTS="step search" CIFAR=path/to/cifar10-jpeg.tar.gz bash bench/gpu_full.sh
 set -u
 PY=${PYTHON:-python3}
-RES=${1:-bench/results/gpu}
+RES=${1:-bench/results/gpu-suite}
 PARTS=${PARTS:-"step compiled fp32 evidence search"}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore

@@ -1,7 +1,7 @@
 """Bench: the regularizer strength λ_w in learned runs against uniform QAT, on the CPU preset's
 CIFAR-10 subset (2,000 training images, 4 epochs, ResNet-20, DoReFa), one JSON line per run.
 
-    python bench/lambda_sweep.py 3:10:0 3:1:0 3:u:0 ... [--out bench/results/cpu/lambda_sweep.jsonl]
+    python bench/lambda_sweep.py 3:10:0 3:1:0 3:u:0 ... [--out bench/results/cpu-suite/lambda_sweep.jsonl]
 
 Each spec is BITS:LAMBDA:SEED: a learned run at the BitOps of uniform W<BITS>A<BITS> with
 λ_w = LAMBDA, or with LAMBDA = u the uniform W<BITS>A<BITS> plain-QAT baseline (λ_w = 0). One
@@ -11,7 +11,7 @@ thread per process, so two processes can share 2 cores; results depend on the th
 With ``--digits`` the runs use the bundled digits at the README's defaults (30 FP32 epochs,
 30 quantized epochs, all 1,437 training images) instead:
 
-    python bench/lambda_sweep.py --digits 2:u:1 2:1:1 ... --out bench/results/cpu/low_bits_digits.jsonl
+    python bench/lambda_sweep.py --digits 2:u:1 2:1:1 ... --out bench/results/cpu-suite/low_bits_digits.jsonl
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("specs", nargs="+", help="BITS:LAMBDA:SEED, LAMBDA=u for the uniform baseline")
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--digits", action="store_true", help="the bundled digits at the README's defaults")
-    ap.add_argument("--out", default="bench/results/cpu/lambda_sweep.jsonl")
+    ap.add_argument("--out", default="bench/results/cpu-suite/lambda_sweep.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(1)
     base = dict(DIGITS) if args.digits else {**BASE, "dataset": args.data}

@@ -37,7 +37,7 @@ DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
 PRESETS = {
     # 2 cores: an 8,000-image training subset, the full test set, one FP32 checkpoint (fp32_seed 0)
     # that every seed's runs start from, so that seeds differ only in the quantized training.
-    # Uniform W3A3's spread over seeds 0-2 from that checkpoint: 0.10 points (bench/results/cpu-v2).
+    # Uniform W3A3's spread over seeds 0-2 from that checkpoint: 0.10 points (bench/results/resnet20-decisive/sinareq).
     "cpu": {"run": {"max_train": 8000, "fp32_epochs": 10, "fp32_seed": 0, "epochs": 4, "search_epochs": 2,
                     "batch_size": 128},
             "seeds": [0, 1, 2], "workers": 2},
@@ -148,7 +148,7 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated allocators to run (uniform, sinareq, hessian, measured)")
     ap.add_argument("--budgets", help=f"comma-separated budgets for the allocators (default all: {','.join(BUDGETS)}); "
                                       "uniform runs only at the budgets these are compared with")
-    ap.add_argument("--out", default="bench/results/cpu", help="results folder (default bench/results/cpu)")
+    ap.add_argument("--out", default="bench/results/cpu-suite", help="results folder (default bench/results/cpu-suite)")
     ap.add_argument("--workers", type=int, help="runs at once, processes sharing the cores (default: the preset's)")
     ap.add_argument("--threads", type=int, help="torch threads of a single worker (default: torch's; with "
                                                 "--workers N, cores/N each)")

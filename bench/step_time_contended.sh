@@ -3,10 +3,10 @@
 # count), with the fused CPU kernel and with the ATen path (HWSEARCH_CPU_KERNELS=0): does the kernel
 # suffer more than ATen's own operators when cores are oversubscribed (e.g. two search workers on one
 # machine)? Writes OUT/contended_k{1,0}_{1,2}.json and .log.
-#   bash bench/step_time_contended.sh [OUT]      (default bench/results/cpu/step_time_contended)
+#   bash bench/step_time_contended.sh [OUT]      (default bench/results/cpu-suite/step_time_contended)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-bench/results/cpu/step_time_contended}
+OUT=${1:-bench/results/cpu-suite/step_time_contended}
 PY=${PYTHON:-python}
 mkdir -p "$OUT"
 for K in 1 0; do

@@ -8,7 +8,7 @@ like the uniform baselines of ``bench/learned_vs_uniform.py`` (same preset, same
 ``--lambda-w 0``), on the full CIFAR-10 test set. If inputs need the bits, W2A4 beats W4A2 (and
 may match W3A3 at less cost).
 
-    python bench/weights_vs_inputs.py [--seeds 0,1] [--out bench/results/cpu-weights-vs-inputs]
+    python bench/weights_vs_inputs.py [--seeds 0,1] [--out bench/results/resnet20-decisive/uniform-weights-vs-inputs]
 
 One JSON file per finished run (a rerun skips them); ``weights_vs_inputs.json`` holds all rows.
 """
@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    ap.add_argument("--out", default="bench/results/cpu-weights-vs-inputs")
+    ap.add_argument("--out", default="bench/results/resnet20-decisive/uniform-weights-vs-inputs")
     ap.add_argument("--workers", type=int, default=2, help="runs at once, sharing the cores (default 2)")
     args = ap.parse_args()
     preset = PRESETS[args.preset]

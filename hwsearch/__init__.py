@@ -19,7 +19,7 @@ from .plan import load_plan
 from .profiling import profile_model
 from .run import RunResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LayerTable",

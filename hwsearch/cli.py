@@ -138,6 +138,26 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def usage_markdown() -> str:
+    """docs/usage.md: every command and option, from the parsers themselves (so the page cannot drift;
+    tests/test_docs.py checks it). Regenerate with ``python -m hwsearch.cli > docs/usage.md``."""
+    import functools
+
+    parser = build_parser()
+    fixed = functools.partial(argparse.HelpFormatter, width=100)
+    parser.formatter_class = fixed
+    parts = ["# Command-line reference", "",
+             "Generated from the argument parsers by `python -m hwsearch.cli > docs/usage.md` (a test checks that "
+             "it is current). The reasons and details are in [`commands.md`](commands.md).", "",
+             "```", parser.format_help().rstrip(), "```", ""]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.formatter_class = fixed
+        parts += [f"## `hwsearch {name}`", "", helps.get(name, "") or "", "", "```", p.format_help().rstrip(), "```", ""]
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     from cost_models import UncountedOpsError
@@ -171,3 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hwsearch: interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":
+    print(usage_markdown(), end="")
