@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .data import score
+from .tensors import score
 
 __all__ = ["EpochBatches", "LoaderData", "as_source"]
 
@@ -205,7 +205,7 @@ def as_source(train, test=None, *, device: torch.device | str = "cpu", **kwargs)
     ``LoaderData`` over a user's Dataset or DataLoader pair."""
     from dataclasses import replace
 
-    from .data import TensorData
+    from .tensors import TensorData
 
     if isinstance(train, TensorData):
         if test is not None:

@@ -21,20 +21,10 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from .data import (
-    _image_files,
-    cache_dir,
-    content_key,
-    imagefolder_root,
-    normalize,
-    open_image,
-    pad_crop,
-    random_flip,
-    recipe_for,
-    survey,
-)
+from .data import _image_files, cache_dir, content_key, imagefolder_root, open_image, recipe_for, survey
 from .files import write_text
 from .loaders import LoaderData
+from .tensors import normalize, pad_crop, random_flip
 
 __all__ = ["StreamData", "choose_mode", "memory_limit"]
 

@@ -77,7 +77,7 @@ def test_images_of_different_sizes_are_resized_and_grayscale_stays_one_channel(t
 
 
 def test_large_images_train_with_random_resized_crops_on_the_device(tmp_path):
-    from hwsearch.data import resized_crop
+    from hwsearch.tensors import resized_crop
 
     root = _folder(tmp_path, sizes=((80, 80),), per_class=2)
     data = load_data(RunConfig(dataset=f"imagefolder:{root}", data_mode="memory"), torch.device("cpu"))
