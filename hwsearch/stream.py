@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from .data import _image_files, cache_dir, content_key, imagefolder_root, open_image, recipe_for, survey
 from .files import write_text
 from .loaders import LoaderData
-from .tensors import normalize, pad_crop, random_flip
+from .tensors import normalize, pad_crop, random_flip, subset_indices
 
 __all__ = ["StreamData", "choose_mode", "memory_limit"]
 
@@ -76,11 +76,6 @@ class _Folder(Dataset):
         return self.transform(open_image(self.files[i], self.channels)), self.labels[i]
 
 
-def _subset(n: int, limit: int | None, g: torch.Generator) -> list[int]:
-    """``TensorData.subset``'s choice of indices (same generator use), so both modes train on the same images."""
-    return torch.randperm(n, generator=g)[:limit].tolist() if limit is not None and limit < n else list(range(n))
-
-
 class StreamData(LoaderData):
     """An ImageFolder decoded per batch (see the module docstring).
 
@@ -104,9 +99,11 @@ class StreamData(LoaderData):
         train_files, train_labels = _image_files(root / "train", classes)
         test_files, test_labels = _image_files(root / "test", classes)
         g = torch.Generator().manual_seed(0)
-        pick_train, pick_test = _subset(len(train_files), max_train, g), _subset(len(test_files), max_test, g)
-        train_files, train_labels = [train_files[i] for i in pick_train], [train_labels[i] for i in pick_train]
-        test_files, test_labels = [test_files[i] for i in pick_test], [test_labels[i] for i in pick_test]
+        pick_train, pick_test = subset_indices(len(train_files), max_train, g), subset_indices(len(test_files), max_test, g)
+        if pick_train is not None:
+            train_files, train_labels = [train_files[i] for i in pick_train], [train_labels[i] for i in pick_train]
+        if pick_test is not None:
+            test_files, test_labels = [test_files[i] for i in pick_test], [test_labels[i] for i in pick_test]
         key = content_key(root, classes)
         self.recipe = recipe_for(self.side)
         resize = round(self.side / 0.875)

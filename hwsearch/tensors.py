@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TensorData", "check_score", "normalize", "pad_crop", "random_flip", "resized_crop", "score", "top1"]
+__all__ = ["TensorData", "check_score", "normalize", "pad_crop", "random_flip", "resized_crop", "score",
+           "subset_indices", "top1"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ class TensorData:
         out = {}
         for split, limit in (("train", max_train), ("test", max_test)):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if limit is not None and limit < len(y):
-                idx = torch.randperm(len(y), generator=g)[:limit].to(y.device)
+            idx = subset_indices(len(y), limit, g)
+            if idx is not None:
+                idx = idx.to(y.device)
                 x, y = x[idx], y[idx]
             out[f"x_{split}"], out[f"y_{split}"] = x, y
         return replace(self, **out)
@@ -134,6 +136,13 @@ class TensorData:
     def score(self, model) -> float:
         """The metric on the test split (higher is better): ``eval_fn(model)``, or top-1 in [0, 1]."""
         return score(self, model)
+
+
+def subset_indices(n: int, limit: int | None, generator: torch.Generator) -> torch.Tensor | None:
+    """The indices of a fixed random subset of ``limit`` of ``n`` items (None: all of them, in order). The
+    train split draws first and the test split next from one generator, in memory and in stream mode
+    alike, so both train on the same images."""
+    return torch.randperm(n, generator=generator)[:limit] if limit is not None and limit < n else None
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -99,3 +99,15 @@ def test_streaming_a_set_that_cannot_stream_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--data-mode stream: 'digits' cannot stream" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_both_modes_take_the_same_fixed_subset(tmp_path):
+    root = _folder(tmp_path, per_class=8)
+    picked = {}
+    for mode in ("memory", "stream"):
+        data = load_data(RunConfig(dataset=f"imagefolder:{root}", data_mode=mode, max_train=5, max_test=3,
+                                   batch_size=5, loader_workers=0), torch.device("cpu"))
+        (x, y), = list(data.train_batches(5, torch.Generator().manual_seed(0)))
+        test = torch.cat([t for _, t in data.test_batches(10)])
+        picked[mode] = (sorted(y.tolist()), test.tolist())
+    assert picked["memory"] == picked["stream"]
