@@ -243,7 +243,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, data=None, out: st
             metrics["fp32_cached"] = ck["cached"]
         else:
             metrics["fp32_weights"] = prep.pretrained
-        fp32_model = copy.deepcopy(prep.model)
+        # The allocator may train prep.model (SINAREQ); the plan then trains from this copy of the FP32 start.
+        fp32_model = copy.deepcopy(prep.model) if config.fixed_bits is None else None
         chosen = allocate(prep, progress=progress, history=history)
         w_bits, a_bits = chosen.pop("w_bits"), chosen.pop("a_bits")
         if "search_top1" in chosen:
