@@ -44,18 +44,23 @@ PRESETS = {
     "gpu": {"run": {"fp32_epochs": 15, "epochs": 6, "batch_size": 256, "lr_fp32": 0.2, "lr": 0.04, "compile": True},
             "seeds": [0, 1, 2]},
     "smoke": {"run": {"max_train": 256, "max_test": 256, "fp32_epochs": 1, "epochs": 1, "batch_size": 64},
-              "seeds": [0]},
+              "memory_budgets": True, "seeds": [0]},
     # MobileNetV2 for 32x32 (depthwise layers), the cpu preset's data and plan training; its FP32 checkpoint
     # trained to convergence on the subset (40 epochs; 10 left four more epochs at 4 bits above FP32), and
     # uniform W8A8 beside FP32 to show it (within 0.3 points).
     "mobilenet-cpu": {"run": {"model": "mobilenet_v2_cifar", "max_train": 8000, "fp32_epochs": 40, "fp32_seed": 0,
                               "epochs": 4, "search_epochs": 2, "batch_size": 128},
-                      "uniform": {"W8A8": 8, "W4A4": 4, "W3A3": 3, "W2A2": 2}, "seeds": [0, 1, 2], "workers": 1},
+                      "uniform": {"W8A8": 8, "W4A4": 4, "W3A3": 3, "W2A2": 2}, "memory_budgets": True,
+                      "seeds": [0, 1, 2], "workers": 1},
 }
 UNIFORM = {"W2A2": 2, "W3A3": 3, "W4A4": 4}
 BUDGETS = ["W2.5A2.5", "W3A3", "W3.5A3.5", "W4A4"]
 BETWEEN = {"W2.5A2.5": ("W2A2", "W3A3"), "W3.5A3.5": ("W3A3", "W4A4")}
 ALLOCATORS = ["sinareq", "hessian", "measured"]
+# Weight-memory budgets (--budget-memory): the weight memory of uniform W<b> (first/last at 8), every plan's
+# activations at 8 bits, the weights' bits chosen under the memory cap (bit pressure on memory too); the
+# uniform plan at that memory is W<b>A8.
+MEMORY = {"W3-memory": 3}
 
 
 def budgets_bitops(table) -> dict[str, float]:
@@ -81,7 +86,24 @@ def job_list(preset: dict) -> list[dict]:
             for alloc in ALLOCATORS:
                 jobs.append({"key": f"{alloc}-{budget}-s{seed}", "allocator": alloc, "budget": budget, "seed": seed,
                              "config": {"allocator": alloc}})
+        for budget, b in (MEMORY.items() if preset.get("memory_budgets") else ()):
+            jobs.append({"key": f"uniform-{budget}-s{seed}", "allocator": "uniform", "budget": budget, "seed": seed,
+                         "config": {"fixed_bits": b, "act_bits": 8, "lambda_w": 0.0}})
+            for alloc in ALLOCATORS:
+                jobs.append({"key": f"{alloc}-{budget}-s{seed}", "allocator": alloc, "budget": budget, "seed": seed,
+                             "config": {"allocator": alloc, "act_bits": 8, "cost_model": "memory"}})
     return jobs
+
+
+def budget_of(table, name: str) -> tuple[str, float]:
+    """The cost model and cap of a named budget: BitOps of a uniform plan (or between two), or the weight
+    memory of uniform W<b>."""
+    from cost_models import get_cost_model
+    from hwsearch.costs import uniform_bits
+
+    if name in MEMORY:
+        return "memory", get_cost_model("memory")(table, *uniform_bits(table, MEMORY[name], 8))
+    return "bitops", budgets_bitops(table)[name]
 
 
 def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None = None) -> dict:
@@ -95,11 +117,13 @@ def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None =
 
     base = {"dataset": data, "seed": job["seed"], **preset["run"]}
     table = prepare(RunConfig(**base)).table
-    bitops = budgets_bitops(table)[job["budget"]]
-    cfg = RunConfig(**{**base, **job["config"]}, budgets={} if job["allocator"] == "uniform" else {"bitops": bitops})
+    kind, cap = budget_of(table, job["budget"])
+    cfg = RunConfig(**{**base, **job["config"]}, budgets={} if job["allocator"] == "uniform" else {kind: cap})
     t0 = time.time()
     result = run(cfg, out=out / "runs" / job["key"])
+    bitops = cap if kind == "bitops" else result.plan["totals"]["bitops"]
     record = {"budget": job["budget"], "bitops": bitops, "allocator": job["allocator"], "seed": job["seed"],
+              **({"memory": cap, "plan_memory": result.plan["totals"]["weight_bytes"]} if kind == "memory" else {}),
               "top1": result.metrics["top1"], "plan_bitops": result.plan["totals"]["bitops"],
               "fp32_top1": result.metrics["fp32_top1"], "search_top1": result.metrics.get("search_top1"),
               "seconds": time.time() - t0,
@@ -111,7 +135,8 @@ def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None =
 
 def table_rows(records: list[dict]) -> list[dict]:
     """The finished runs as rows, plus the interpolated uniform value at each intermediate budget and seed."""
-    keep = ("budget", "bitops", "allocator", "seed", "top1", "plan_bitops", "search_top1", "fp32_top1", "seconds")
+    keep = ("budget", "bitops", "allocator", "seed", "top1", "plan_bitops", "search_top1", "fp32_top1", "seconds",
+            "memory", "plan_memory")
     rows = [{k: r.get(k) for k in keep} for r in records]
     uniform = {(r["budget"], r["seed"]): r for r in records if r["allocator"] == "uniform"}
     for name, (lo, hi) in BETWEEN.items():
@@ -123,7 +148,7 @@ def table_rows(records: list[dict]) -> list[dict]:
             f = (math.log(target) - math.log(a["bitops"])) / (math.log(b["bitops"]) - math.log(a["bitops"]))
             rows.append({"budget": name, "bitops": target, "allocator": "uniform-interp", "seed": seed,
                          "top1": a["top1"] + f * (b["top1"] - a["top1"]), "plan_bitops": None})
-    order = {b: i for i, b in enumerate(["W2A2", *BUDGETS, "W8A8"])}
+    order = {b: i for i, b in enumerate(["W2A2", *BUDGETS, "W8A8", *MEMORY])}
     return sorted(rows, key=lambda r: (order.get(r["budget"], 99), r["allocator"], r["seed"]))
 
 
@@ -189,9 +214,9 @@ def main() -> int:
     if args.only:
         jobs = [j for j in jobs if j["allocator"] in args.only.split(",")]
     if args.budgets:
-        unknown = set(args.budgets.split(",")) - set(BUDGETS)
+        unknown = set(args.budgets.split(",")) - set(BUDGETS) - set(MEMORY)
         if unknown:
-            ap.error(f"--budgets: unknown {', '.join(sorted(unknown))} (choose from {', '.join(BUDGETS)})")
+            ap.error(f"--budgets: unknown {', '.join(sorted(unknown))} (choose from {', '.join([*BUDGETS, *MEMORY])})")
         chosen = args.budgets.split(",")
         needed = {u for b in chosen for u in BETWEEN.get(b, (b,))}  # the uniform runs their comparison needs
         jobs = [j for j in jobs if j["budget"] in (needed if j["allocator"] == "uniform" else chosen)]
@@ -201,9 +226,10 @@ def main() -> int:
 
     def report(rec: dict) -> None:
         write_table(runs, table_path, args.preset, preset, args.data)
-        print(f"{rec['allocator']:8s} {rec['budget']:9s} seed {rec['seed']}  top-1 {rec['top1']:.4f}  BitOps "
-              f"{rec['plan_bitops']:.4g} of {rec['bitops']:.4g}  ({rec['seconds']:.0f} s, t={time.time() - t0:.0f} s)",
-              flush=True)
+        cost = (f"memory {rec['plan_memory']:.4g} of {rec['memory']:.4g} B" if "memory" in rec else
+                f"BitOps {rec['plan_bitops']:.4g} of {rec['bitops']:.4g}")
+        print(f"{rec['allocator']:8s} {rec['budget']:9s} seed {rec['seed']}  top-1 {rec['top1']:.4f}  {cost}  "
+              f"({rec['seconds']:.0f} s, t={time.time() - t0:.0f} s)", flush=True)
 
     if todo and args.workers == 1:
         for job in todo:
