@@ -18,6 +18,7 @@ import pandas as pd
 
 PAPER = {"sinareq_avg": 4.8, "predecessor_dorefa": 2.8, "predecessor_wrpn": 2.1}
 RESULTS = Path("bench/results")
+MODEL_NAMES = {"resnet20": "ResNet-20", "mobilenet_v2_cifar": "MobileNetV2 for 32×32 (`mobilenet_v2_cifar`)"}
 # The folders BENCHMARKS.md reports on, in its order (its sections follow this list).
 REPORTED = ["cpu-suite", "resnet20-decisive/sinareq", "resnet20-decisive/sinareq-shared-beta-step",
             "resnet20-decisive/sinareq-tied-bits", "resnet20-decisive/measured", "resnet20-decisive/measured-tied-bits",
@@ -154,7 +155,8 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
     doc = json.loads(path.read_text())
     p, rows = doc["preset"], pd.DataFrame(doc["rows"])
     lines = [f"## Chosen plans against uniform bits at equal BitOps (`{path.name}`)", "",
-             f"`{p['command']}` (code {p.get('code', '?')}): ResNet-20 on `{p['dataset']}`, "
+             f"`{p['command']}` (code {p.get('code', '?')}): {MODEL_NAMES.get(p.get('model', 'resnet20'), p.get('model'))} "
+             f"on `{p['dataset']}`, "
              + ", ".join(f"{k}={p[k]}" for k in ("max_train", "fp32_epochs", "fp32_seed", "search_epochs", "epochs",
                                                   "batch_size") if p.get(k) is not None)
              + f"; test images: {p.get('test_images')}; seeds {p['seeds']}"
