@@ -34,6 +34,7 @@ from pathlib import Path
 from common import code_version, write_json
 
 DATA = "imagefolder:../shared/data/cifar10-jpeg.tar.gz"
+UNIFORM = {"W2A2": 2, "W3A3": 3, "W4A4": 4}
 PRESETS = {
     # 2 cores: an 8,000-image training subset, the full test set, one FP32 checkpoint (fp32_seed 0)
     # that every seed's runs start from, so that seeds differ only in the quantized training.
@@ -56,10 +57,12 @@ PRESETS = {
     # (4 would take ~8 hours for the table), the budgets issue 26 names.
     "mobilenet-cpu-2ep": {"run": {"model": "mobilenet_v2_cifar", "max_train": 8000, "fp32_epochs": 40,
                                   "fp32_seed": 0, "epochs": 2, "search_epochs": 2, "batch_size": 128},
+                          # W3A2 and W2A3: uniform plans under the W2.5A2.5 budget (6 bit products per MAC
+                          # against 6.25), the uniform baselines that fit it, beside the interpolation
+                          "uniform": {**UNIFORM, "W3A2": (3, 2), "W2A3": (2, 3)},
                           "budgets": ["W2.5A2.5", "W3A3", "W4A4"], "memory_budgets": True,
                           "seeds": [0, 1, 2], "workers": 1},
 }
-UNIFORM = {"W2A2": 2, "W3A3": 3, "W4A4": 4}
 BUDGETS = ["W2.5A2.5", "W3A3", "W3.5A3.5", "W4A4"]
 BETWEEN = {"W2.5A2.5": ("W2A2", "W3A3"), "W3.5A3.5": ("W3A3", "W4A4")}
 ALLOCATORS = ["sinareq", "hessian", "measured"]
@@ -86,8 +89,9 @@ def job_list(preset: dict) -> list[dict]:
     jobs = []
     for seed in preset["seeds"]:
         for name, b in preset.get("uniform", UNIFORM).items():
+            w, a = b if isinstance(b, tuple) else (b, None)  # (weight bits, activation bits) or one for both
             jobs.append({"key": f"uniform-{name}-s{seed}", "allocator": "uniform", "budget": name, "seed": seed,
-                         "config": {"fixed_bits": b, "lambda_w": 0.0}})
+                         "config": {"fixed_bits": w, "lambda_w": 0.0, **({"act_bits": a} if a else {})}})
         for budget in preset.get("budgets", BUDGETS):
             for alloc in ALLOCATORS:
                 jobs.append({"key": f"{alloc}-{budget}-s{seed}", "allocator": alloc, "budget": budget, "seed": seed,
@@ -123,11 +127,12 @@ def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None =
 
     base = {"dataset": data, "seed": job["seed"], **preset["run"]}
     prep = prepare(RunConfig(**base))  # the data, loaded once: run() reads the same object
-    kind, cap = budget_of(prep.table, job["budget"])
+    named = job["budget"] in MEMORY or job["budget"] in budgets_bitops(prep.table)
+    kind, cap = budget_of(prep.table, job["budget"]) if named else ("bitops", None)  # else: its own BitOps
     cfg = RunConfig(**{**base, **job["config"]}, budgets={} if job["allocator"] == "uniform" else {kind: cap})
     t0 = time.time()
     result = run(cfg, data=prep.data, out=out / "runs" / job["key"])
-    bitops = cap if kind == "bitops" else result.plan["totals"]["bitops"]
+    bitops = cap if kind == "bitops" and cap is not None else result.plan["totals"]["bitops"]
     record = {"budget": job["budget"], "bitops": bitops, "allocator": job["allocator"], "seed": job["seed"],
               **({"memory": cap, "plan_memory": result.plan["totals"]["weight_bytes"]} if kind == "memory" else {}),
               "top1": result.metrics["top1"], "plan_bitops": result.plan["totals"]["bitops"],
