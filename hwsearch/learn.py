@@ -118,7 +118,10 @@ def build_model(config: RunConfig, data, model: nn.Module | None = None) -> tupl
         The model, and what the FP32 start is when it is used as given (``{"source": "object"}``, or the
         weights file's path and sha256), None when hwsearch is to train it.
     """
-    torch.manual_seed(config.seed)
+    # The initial weights belong to the FP32 checkpoint's recipe: drawn with its seed, so that runs of
+    # several seeds from one --fp32-seed build the same model and share that checkpoint (its cache key
+    # includes the initial weights).
+    torch.manual_seed(config.checkpoint_seed)
     pretrained = None
     if model is not None:
         model = copy.deepcopy(model).float()

@@ -60,6 +60,23 @@ def test_fp32_checkpoint_is_keyed_by_the_models_structure_and_initial_state(tmp_
     assert not fp32_checkpoint("netcache:make", other, data, epochs=1, seed=0)["cached"]
 
 
+def test_runs_of_several_seeds_from_one_fp32_seed_share_its_checkpoint(tmp_path, monkeypatch):
+    """The initial weights are drawn with the FP32 seed (they are part of its checkpoint's key): --seed 1
+    --fp32-seed 0 starts from the checkpoint --seed 0 trained, as the decisive benchmarks need."""
+    from hwsearch.config import RunConfig
+    from hwsearch.learn import build_model
+
+    monkeypatch.setenv("HWSEARCH_CACHE", str(tmp_path))
+    data = load_dataset("digits").subset(256, 64)
+    first = build_model(RunConfig(seed=0, fp32_seed=0), data)[0]
+    ck = fp32_checkpoint("resnet20", first, data, epochs=1, seed=0)
+    again = build_model(RunConfig(seed=1, fp32_seed=0), data)[0]
+    assert model_digest(again) == model_digest(build_model(RunConfig(seed=0), data)[0])
+    assert fp32_checkpoint("resnet20", again, data, epochs=1, seed=0) == {**ck, "cached": True}
+    # Without --fp32-seed each seed has a start of its own.
+    assert model_digest(build_model(RunConfig(seed=1), data)[0]) != model_digest(first)
+
+
 def _folder(root, per_class=3, classes=("a", "b")):
     from PIL import Image
 
