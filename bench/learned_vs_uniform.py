@@ -151,6 +151,8 @@ def table_rows(records: list[dict]) -> list[dict]:
     rows = [{k: r.get(k) for k in keep} for r in records]
     uniform = {(r["budget"], r["seed"]): r for r in records if r["allocator"] == "uniform"}
     for name, (lo, hi) in BETWEEN.items():
+        if not any(r["budget"] == name for r in records):  # no plan at that budget: nothing to compare
+            continue
         for seed in sorted({r["seed"] for r in records}):
             a, b = uniform.get((lo, seed)), uniform.get((hi, seed))
             if not (a and b):

@@ -25,10 +25,17 @@ def test_every_relative_link_points_to_a_file_or_folder(doc):
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if re.match(r"[a-z]+://|mailto:|#", target):
             continue
-        path = (doc.parent / target.split("#")[0]).resolve()
-        if not path.exists():
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve()
+        if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
             missing.append(target)
     assert not missing, f"{doc.name}: {missing}"
+
+
+def _anchors(path: Path) -> set[str]:
+    """The heading anchors GitHub gives a Markdown file: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+\s+(.+?)\s*$", path.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
