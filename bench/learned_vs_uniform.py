@@ -105,15 +105,15 @@ def job_list(preset: dict) -> list[dict]:
     return jobs
 
 
-def budget_of(table, name: str) -> tuple[str, float]:
+def budget_of(table, name: str) -> tuple[str, float | None]:
     """The cost model and cap of a named budget: BitOps of a uniform plan (or between two), or the weight
-    memory of uniform W<b>."""
+    memory of uniform W<b>; ("bitops", None) for a name that is no budget (a uniform plan such as W3A2)."""
     from cost_models import get_cost_model
     from hwsearch.costs import uniform_bits
 
     if name in MEMORY:
         return "memory", get_cost_model("memory")(table, *uniform_bits(table, MEMORY[name], 8))
-    return "bitops", budgets_bitops(table)[name]
+    return "bitops", budgets_bitops(table).get(name)
 
 
 def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None = None) -> dict:
@@ -127,12 +127,11 @@ def run_job(job: dict, preset: dict, data: str, out: Path, threads: int | None =
 
     base = {"dataset": data, "seed": job["seed"], **preset["run"]}
     prep = prepare(RunConfig(**base))  # the data, loaded once: run() reads the same object
-    named = job["budget"] in MEMORY or job["budget"] in budgets_bitops(prep.table)
-    kind, cap = budget_of(prep.table, job["budget"]) if named else ("bitops", None)  # else: its own BitOps
+    kind, cap = budget_of(prep.table, job["budget"])
     cfg = RunConfig(**{**base, **job["config"]}, budgets={} if job["allocator"] == "uniform" else {kind: cap})
     t0 = time.time()
     result = run(cfg, data=prep.data, out=out / "runs" / job["key"])
-    bitops = cap if kind == "bitops" and cap is not None else result.plan["totals"]["bitops"]
+    bitops = cap if kind == "bitops" and cap is not None else result.plan["totals"]["bitops"]  # else: its own
     record = {"budget": job["budget"], "bitops": bitops, "allocator": job["allocator"], "seed": job["seed"],
               **({"memory": cap, "plan_memory": result.plan["totals"]["weight_bytes"]} if kind == "memory" else {}),
               "top1": result.metrics["top1"], "plan_bitops": result.plan["totals"]["bitops"],

@@ -154,7 +154,7 @@ def paired_diffs(rows: pd.DataFrame, budget: str, g: pd.DataFrame) -> dict[int, 
         if (budget, r.seed) not in reference.index:
             continue
         ref = reference[(budget, r.seed)]
-        if "memory" not in rows or pd.isna(getattr(r, "memory", float("nan"))):  # a BitOps budget
+        if pd.isna(getattr(r, "memory", float("nan"))):  # a BitOps budget
             under = measured[(measured.seed == r.seed) & (measured.bitops <= r.bitops) & (measured.budget != budget)]
             ref = max([ref, *under.top1])
         out[r.seed] = 100 * r.top1 - 100 * ref
