@@ -197,6 +197,12 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
         if diffs and not alloc.startswith("uniform") and sum(diffs) / len(diffs) < 0:
             losses.append(f"{path.name}: {alloc} at {budget}: {sum(diffs) / len(diffs):+.2f} points against uniform")
     lines += [pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
+    timed = rows[rows.allocator != "uniform-interp"].dropna(subset=["seconds"]) if "seconds" in rows else rows[:0]
+    if len(timed):
+        spans = ", ".join(f"{a} {g.seconds.min() / 60:.1f}-{g.seconds.max() / 60:.1f}"
+                          for a, g in timed.groupby("allocator"))
+        lines += [f"Minutes a run, as recorded (a run that trained the FP32 checkpoint counts that training "
+                  f"too): {spans}; {len(timed)} runs in this table, {timed.seconds.sum() / 60:.0f} minutes in all.", ""]
     return "\n".join(lines), losses
 
 
