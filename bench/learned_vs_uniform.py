@@ -65,6 +65,9 @@ PRESETS = {
 }
 BUDGETS = ["W2.5A2.5", "W3A3", "W3.5A3.5", "W4A4"]
 BETWEEN = {"W2.5A2.5": ("W2A2", "W3A3"), "W3.5A3.5": ("W3A3", "W4A4")}
+# Uniform plans of unequal weight and activation bits that fit under a budget (a preset's "uniform" may
+# list them): with --budgets, they run beside the interpolation's ends, as that budget's comparison needs.
+UNDER = {"W2.5A2.5": ("W3A2", "W2A3")}
 ALLOCATORS = ["sinareq", "hessian", "measured"]
 # Weight-memory budgets (--budget-memory): the weight memory of uniform W<b> (first/last at 8), every plan's
 # activations at 8 bits, the weights' bits chosen under the memory cap (bit pressure on memory too); the
@@ -230,7 +233,7 @@ def main() -> int:
         if unknown:
             ap.error(f"--budgets: unknown {', '.join(sorted(unknown))} (choose from {', '.join([*BUDGETS, *MEMORY])})")
         chosen = args.budgets.split(",")
-        needed = {u for b in chosen for u in BETWEEN.get(b, (b,))}  # the uniform runs their comparison needs
+        needed = {u for b in chosen for u in (*BETWEEN.get(b, (b,)), *UNDER.get(b, ()))}  # what their comparison needs
         jobs = [j for j in jobs if j["budget"] in (needed if j["allocator"] == "uniform" else chosen)]
     todo = [j for j in jobs if not (runs / f"{j['key']}.json").exists()]
     print(f"{len(jobs)} runs, {len(todo)} to do", flush=True)
