@@ -27,7 +27,8 @@ REPORTED = ["cpu-suite", "resnet20-decisive/sinareq", "resnet20-decisive/sinareq
             "resnet20-decisive/sinareq-priced-ends", "resnet20-decisive/sinareq-priced-ends-start-8",
             "resnet20-decisive/sinareq-learn-4-epochs", "search/anchor-2-seed-1",
             "resnet20-decisive/measured-post-qat-priced-ends", "resnet20-decisive/uniform-weights-vs-inputs", "gpu-suite",
-            "resnet20-decisive/sinareq-seeds-3-5", "mobilenet-v2-decisive", "mobilenet-v2-decisive-hessian-tied"]
+            "resnet20-decisive/sinareq-seeds-3-5", "mobilenet-v2-decisive", "mobilenet-v2-decisive-hessian-tied",
+            "search/mobilenet-v2"]
 
 
 def _records(folder: Path) -> pd.DataFrame:
@@ -167,11 +168,13 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
     doc = json.loads(path.read_text())
     p, rows = doc["preset"], pd.DataFrame(doc["rows"])
     lines = [f"## Chosen plans against uniform bits at equal BitOps (`{path.name}`)", "",
-             f"`{p['command']}` (code {p.get('code', '?')}): {MODEL_NAMES.get(p.get('model', 'resnet20'), p.get('model'))} "
+             f"Last written by `{p['command']}` (code {p.get('code', '?')}"
+             + ("; each part's command: the folder's experiment.json" if (path.parent / "experiment.json").exists() else "")
+             + f"): {MODEL_NAMES.get(p.get('model', 'resnet20'), p.get('model'))} "
              f"on `{p['dataset']}`, "
              + ", ".join(f"{k}={p[k]}" for k in ("max_train", "fp32_epochs", "fp32_seed", "search_epochs", "epochs",
                                                   "batch_size") if p.get(k) is not None)
-             + f"; test images: {p.get('test_images')}; seeds {p['seeds']}"
+             + f"; test images: {p.get('test_images')}; seeds {sorted(int(x) for x in rows['seed'].unique())}"
              + (f"; the allocators' runs with {p['allocator_overrides']} (`--set`)" if p.get("allocator_overrides") else "")
              + ". Every plan is trained at fixed bits "
              "for the same epochs from the same FP32 checkpoint; uniform is plain DoReFa + PACT "
@@ -415,11 +418,22 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
     for p in sorted(res.glob("search_bench_*.json")):
         s = json.loads(p.read_text())
         parts += [f"## Search: {s['trials']} trials of {s['model']} on `{s['dataset']}` ({s['workers']} worker(s))", "",
-                  f"`python bench/search_bench.py --dataset {s['dataset']} --trials {s['trials']} --workers {s['workers']} "
+                  "`python bench/search_bench.py "
+                  + (f"--model {s['model']} " if s["model"] != "resnet20" else "")
+                  + f"--dataset {s['dataset']} --trials {s['trials']} --workers {s['workers']} "
                   f"{' '.join(s.get('options', []))}`: {s['seconds']:.0f} s "
                   f"wall, {s['trials_per_hour']:.1f} trials/hour. Front hypervolume {s['hypervolume']:.4f} against "
                   f"{s['baseline_hypervolume']:.4f} for the uniform baselines (reference {s['reference_point']}; "
                   f"ratio {s['ratio']:.4f}); {s['front_size']} plans on the front.", ""]
+        folder = p.parent / p.stem.removeprefix("search_bench_")
+        if (folder / "trials.csv").exists() and (folder / "baselines.csv").exists():
+            base = pd.read_csv(folder / "baselines.csv").query("label != 'FP32'").rename(columns={"label": "plan"})
+            trials = pd.read_csv(folder / "trials.csv").query("state == 'COMPLETE'")
+            trials = trials.assign(plan=[f"trial {n}" for n in trials["number"]])
+            points = pd.concat([base, trials])[["plan", "top1", "bitops"]].sort_values(["bitops", "plan"])
+            points = points.assign(top1=points["top1"] * 100, bitops=points["bitops"] / 1e6).rename(
+                columns={"top1": "top-1 %", "bitops": "M BitOps"})
+            parts += ["Every point, the uniform baselines and the trials, by cost:", "", _md(points), ""]
         if s["ratio"] is not None and s["ratio"] < 1:
             losses.append(f"search {p.stem}: front hypervolume below the uniform baselines' (ratio {s['ratio']:.4f})")
     for p in sorted(res.glob("learned_vs_uniform*.json")):
