@@ -15,6 +15,7 @@ import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -127,13 +128,27 @@ def _decode(path: str, channels: int = 3, size: int | None = None) -> np.ndarray
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def survey(path: Path, classes: list[str]) -> dict:
+class Listing(NamedTuple):
+    """An ImageFolder's image files, sorted, with their class indices, per split. Listed once per load
+    (``list_imagefolder``) and handed to each step that needs it: on a set of a million files, every
+    listing is a walk of the whole tree."""
+
+    train: tuple[list[str], list[int]]
+    test: tuple[list[str], list[int]]
+
+
+def list_imagefolder(path: Path, classes: list[str]) -> Listing:
+    """Every image file of ``path/train`` and ``path/test`` (see ``_image_files``)."""
+    return Listing(_image_files(path / "train", classes), _image_files(path / "test", classes))
+
+
+def survey(path: Path, classes: list[str], listing: Listing | None = None) -> dict:
     """What deciding how to load an ImageFolder needs, from file names and one image header: the number
     of train and test images, the first image's size and its channels (1 for grayscale)."""
     from PIL import Image
 
-    train, _ = _image_files(path / "train", classes)
-    test, _ = _image_files(path / "test", classes)
+    listing = listing or list_imagefolder(path, classes)
+    train, test = listing.train[0], listing.test[0]
     try:
         with Image.open(train[0]) as im:
             size, mode = im.size, im.mode
@@ -154,12 +169,12 @@ def _image_files(split_dir: Path, classes: list[str]) -> tuple[list[str], list[i
     return files, labels
 
 
-def _read_split(split_dir: Path, classes: list[str], channels: int, size: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a split; images whose size differs from the first one's are resized (``open_image``) to
-    ``size``, or to the first image's shorter side when no size is given."""
+def _read_split(split: tuple[list[str], list[int]], channels: int, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a split (its files and labels); images whose size differs from the first one's are resized
+    (``open_image``) to ``size``, or to the first image's shorter side when no size is given."""
     import functools
 
-    files, labels = _image_files(split_dir, classes)
+    files, labels = split
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         images = list(pool.map(functools.partial(_decode, channels=channels, size=size), files, chunksize=512))
     shapes = {im.shape for im in images}
@@ -185,12 +200,13 @@ def _classes(path: Path) -> list[str]:
     return train
 
 
-def content_key(path: Path, classes: list[str]) -> str:
+def content_key(path: Path, classes: list[str], listing: Listing | None = None) -> str:
     """A digest of the folder's content listing: every image's path relative to ``path``, size and
     modification time. Deleting, adding or rewriting an image changes it; reading the folder does not."""
+    listing = listing or list_imagefolder(path, classes)
     h = hashlib.sha256()
-    for split in ("train", "test"):
-        for f in _image_files(path / split, classes)[0]:
+    for split in (listing.train, listing.test):
+        for f in split[0]:
             st = os.stat(f)
             h.update(f"{os.path.relpath(f, path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -236,10 +252,15 @@ def _unpack(archive: Path) -> Path:
             with tarfile.open(archive) as tar:
                 tar.extractall(dest, filter="data")
             (dest / ".complete").touch()
-    found = [p.parent for p in dest.rglob("train") if p.is_dir() and (p.parent / "test").is_dir()]
-    if not found:
-        raise ValueError(f"imagefolder: {archive} holds no train/ and test/ folders")
-    return found[0]
+    # The shallowest folder holding train/ and test/, level by level: a walk of the whole tree (rglob)
+    # would visit every image of a large set on each load.
+    level = [dest]
+    while level:
+        for d in level:
+            if (d / "train").is_dir() and (d / "test").is_dir():
+                return d
+        level = sorted(c for d in level for c in d.iterdir() if c.is_dir())
+    raise ValueError(f"imagefolder: {archive} holds no train/ and test/ folders")
 
 
 def imagefolder_root(path: str | Path) -> tuple[Path, list[str]]:
@@ -260,7 +281,7 @@ def recipe_for(side: int) -> str:
     return "pad-crop" if side <= 64 else "resized-crop"
 
 
-def load_imagefolder(path: str | Path, *, image_size: int | None = None) -> TensorData:
+def load_imagefolder(path: str | Path, *, image_size: int | None = None, listing: Listing | None = None) -> TensorData:
     """Decode ``PATH/train`` and ``PATH/test`` (ImageFolder layout, or a .tar.gz of it) once, then cache.
 
     Images keep one channel when the first is grayscale (else RGB). With ``image_size``, or when their
@@ -270,8 +291,9 @@ def load_imagefolder(path: str | Path, *, image_size: int | None = None) -> Tens
     (and the log says so), never served from a stale cache.
     """
     path, classes = imagefolder_root(path)
-    channels = survey(path, classes)["channels"]
-    key = content_key(path, classes)
+    listing = listing or list_imagefolder(path, classes)
+    channels = survey(path, classes, listing)["channels"]
+    key = content_key(path, classes, listing)
     if channels != 3 or image_size:  # the default (RGB, own size) keeps the plain key: caches made before stay valid
         key = f"{key}-{channels}c{image_size or ''}"
     where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
@@ -287,9 +309,9 @@ def load_imagefolder(path: str | Path, *, image_size: int | None = None) -> Tens
         if data is None:
             if last.exists() and last.read_text().strip() != key:
                 log.info("imagefolder %s changed since it was cached: decoding it again", path)
-            x_tr, y_tr = _read_split(path / "train", classes, channels, image_size)
+            x_tr, y_tr = _read_split(listing.train, channels, image_size)
             square = x_tr.shape[-1] if x_tr.shape[-1] == x_tr.shape[-2] else None
-            x_te, y_te = _read_split(path / "test", classes, channels, image_size or square)
+            x_te, y_te = _read_split(listing.test, channels, image_size or square)
             data = {"x_train": torch.from_numpy(x_tr), "y_train": torch.from_numpy(y_tr),
                     "x_test": torch.from_numpy(x_te), "y_test": torch.from_numpy(y_te)}
             with atomic_path(cached) as tmp:

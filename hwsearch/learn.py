@@ -76,10 +76,12 @@ def load_data(config: RunConfig, device: torch.device):
         ValueError: ``stream`` for a set that cannot stream; normalization that does not fit the images.
     """
     if config.dataset.startswith("imagefolder:"):
+        from .data import imagefolder_root, list_imagefolder
         from .stream import StreamData, choose_mode
 
         path = config.dataset.split(":", 1)[1]
-        mode, why = choose_mode(path, config.data_mode, config.image_size)
+        listing = list_imagefolder(*imagefolder_root(path))  # once: every step below reads this one
+        mode, why = choose_mode(path, config.data_mode, config.image_size, listing)
         if config.data_mode == "auto" and dist.is_main():
             log.info("data: %s mode (%s)", mode, why)
         if mode == "stream":
@@ -87,8 +89,8 @@ def load_data(config: RunConfig, device: torch.device):
                 raise ValueError("input_mean/input_std: not yet for a streamed dataset; use --data-mode memory")
             return StreamData(path, device=device, image_size=config.image_size, flip=config.flip,
                               workers=config.loader_workers, max_train=config.max_train, max_test=config.max_test,
-                              batch_size=config.batch_size)
-        data = load_imagefolder(path, image_size=config.image_size)
+                              batch_size=config.batch_size, listing=listing)
+        data = load_imagefolder(path, image_size=config.image_size, listing=listing)
     else:
         if config.data_mode == "stream":
             raise ValueError(f"--data-mode stream: {config.dataset!r} cannot stream (it is held in memory as "

@@ -21,7 +21,16 @@ import os
 import torch
 from torch.utils.data import Dataset
 
-from .data import _image_files, cache_dir, content_key, imagefolder_root, open_image, recipe_for, survey
+from .data import (
+    Listing,
+    cache_dir,
+    content_key,
+    imagefolder_root,
+    list_imagefolder,
+    open_image,
+    recipe_for,
+    survey,
+)
 from .files import write_text
 from .loaders import LoaderData
 from .tensors import normalize, pad_crop, random_flip, subset_indices
@@ -49,10 +58,10 @@ def memory_limit() -> int:
     return available // 10
 
 
-def choose_mode(path: str, mode: str, image_size: int | None) -> tuple[str, str]:
+def choose_mode(path: str, mode: str, image_size: int | None, listing: Listing | None = None) -> tuple[str, str]:
     """``memory`` or ``stream`` for the ImageFolder at ``path`` and the reason, for ``mode`` auto."""
     root, classes = imagefolder_root(path)
-    s = survey(root, classes)
+    s = survey(root, classes, listing)
     side = image_size or min(s["size"])
     decoded = (s["n_train"] + s["n_test"]) * s["channels"] * side * side
     limit = memory_limit()
@@ -85,26 +94,27 @@ class StreamData(LoaderData):
         flip: random horizontal flips in training.
         workers: DataLoader worker processes (default: cores - 1, at least 1).
         max_train, max_test: fixed random subsets (the same images ``TensorData.subset`` takes).
+        listing: the folder's files, when the caller has listed them (``list_imagefolder``).
     """
 
     def __init__(self, path: str, *, device, image_size: int | None = None, flip: bool = True,
                  workers: int | None = None, max_train: int | None = None, max_test: int | None = None,
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, listing: Listing | None = None) -> None:
         from torchvision import transforms as T
 
         root, classes = imagefolder_root(path)
-        s = survey(root, classes)
+        listing = listing or list_imagefolder(root, classes)
+        s = survey(root, classes, listing)
         self.side = image_size or min(s["size"])
         channels = s["channels"]
-        train_files, train_labels = _image_files(root / "train", classes)
-        test_files, test_labels = _image_files(root / "test", classes)
+        (train_files, train_labels), (test_files, test_labels) = listing
         g = torch.Generator().manual_seed(0)
         pick_train, pick_test = subset_indices(len(train_files), max_train, g), subset_indices(len(test_files), max_test, g)
         if pick_train is not None:
             train_files, train_labels = [train_files[i] for i in pick_train], [train_labels[i] for i in pick_train]
         if pick_test is not None:
             test_files, test_labels = [test_files[i] for i in pick_test], [test_labels[i] for i in pick_test]
-        key = content_key(root, classes)
+        key = content_key(root, classes, listing)
         self.recipe = recipe_for(self.side)
         resize = round(self.side / 0.875)
         test_tf = [T.Resize(resize), T.CenterCrop(self.side)] if self.recipe == "resized-crop" else \

@@ -111,3 +111,32 @@ def test_both_modes_take_the_same_fixed_subset(tmp_path):
         test = torch.cat([t for _, t in data.test_batches(10)])
         picked[mode] = (sorted(y.tolist()), test.tolist())
     assert picked["memory"] == picked["stream"]
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_a_load_lists_the_folder_once(tmp_path, monkeypatch, mode):
+    """Listing a split walks its whole tree (a million files on ImageNet): deciding the mode, surveying,
+    the content key and decoding all read the one listing the load made."""
+    import hwsearch.data as data_module
+
+    root = _folder(tmp_path)
+    walked = []
+    real = data_module._image_files
+    monkeypatch.setattr(data_module, "_image_files", lambda split_dir, classes: walked.append(split_dir.name)
+                        or real(split_dir, classes))
+    load_data(RunConfig(dataset=f"imagefolder:{root}", data_mode=mode, batch_size=4, loader_workers=1),
+              torch.device("cpu"))
+    assert sorted(walked) == ["test", "train"]
+
+
+def test_an_archive_nested_in_folders_is_found_at_its_shallowest_train_and_test(tmp_path):
+    import tarfile
+
+    from hwsearch.data import imagefolder_root
+
+    _folder(tmp_path / "src" / "outer" / "cifar")
+    archive = tmp_path / "set.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "outer", arcname="outer")
+    root, classes = imagefolder_root(archive)
+    assert root.name == "cifar" and classes == ["dark", "light"]
