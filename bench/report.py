@@ -186,11 +186,10 @@ def learned_vs_uniform_section(path: Path) -> tuple[str, list[str]]:
     out, losses = [], []
     for (budget, alloc), g in rows.groupby(["budget", "allocator"], sort=False):
         diffs = list(paired_diffs(rows, budget, g).values())
-        over = (g.plan_memory / g.memory).dropna() if "memory" in g and g.memory.notna().any() else \
-            g.plan_bitops.dropna() / g.bitops
+        memory = g["memory"].dropna() if "memory" in g else pd.Series(dtype=float)  # a weight-memory budget
+        over = (g.plan_memory / g.memory).dropna() if len(memory) else g.plan_bitops.dropna() / g.bitops
         g = g.assign(top1=100 * g.top1)
         chosen = not alloc.startswith("uniform")
-        memory = g["memory"].dropna() if "memory" in g else pd.Series(dtype=float)
         cost = f"{memory.iloc[0] / 1e3:.1f} KB weights" if len(memory) else f"{g.bitops.iloc[0] / 1e6:.1f} M BitOps"
         out.append({"budget": budget, "cost": cost, "allocator": alloc, "n": len(g),
                     "mean top-1": f"{g.top1.mean():.2f}", "spread": f"{g.top1.max() - g.top1.min():.2f}",

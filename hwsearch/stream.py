@@ -61,12 +61,12 @@ def memory_limit() -> int:
 def choose_mode(path: str, mode: str, image_size: int | None, listing: Listing | None = None) -> tuple[str, str]:
     """``memory`` or ``stream`` for the ImageFolder at ``path`` and the reason, for ``mode`` auto."""
     root, classes = imagefolder_root(path)
+    if mode != "auto":  # chosen by the user: nothing to survey
+        return mode, f"--data-mode {mode}"
     s = survey(root, classes, listing)
     side = image_size or min(s["size"])
     decoded = (s["n_train"] + s["n_test"]) * s["channels"] * side * side
     limit = memory_limit()
-    if mode != "auto":
-        return mode, f"--data-mode {mode}"
     if decoded <= limit:
         return "memory", f"decoded {decoded / 1e9:.2f} GB fits under the memory limit {limit / 1e9:.2f} GB"
     return "stream", f"decoded {decoded / 1e9:.2f} GB exceeds the memory limit {limit / 1e9:.2f} GB"
