@@ -391,6 +391,26 @@ def main() -> int:
     return 0
 
 
+def rerun_gaps(search: Path, runs: Path) -> str:
+    """The search's uniform baselines and anchored trials beside the decisive table's seed-0 runs of the
+    same configuration (same seed, data, FP32 checkpoint and epochs; a worker thread count of its own):
+    how far apart identical configurations land."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(storage=f"sqlite:///{search / 'study.db'}", study_name="hwsearch")
+    pairs = [(f"uniform {b.label}", b.top1, runs / f"uniform-{b.label}-s0.json")
+             for b in pd.read_csv(search / "baselines.csv").itertuples()]
+    names = {2.5: "W2.5A2.5", 3: "W3A3", 4: "W4A4"}
+    pairs += [(f"sinareq {names[t.user_attrs['anchor_bits']]}", t.values[0],
+               runs / f"sinareq-{names[t.user_attrs['anchor_bits']]}-s0.json")
+              for t in study.trials if t.user_attrs.get("anchor_bits") in names and t.values]
+    table = {name: json.loads(f.read_text())["top1"] for name, _, f in pairs if f.exists()}
+    rows = [{"configuration": name, "table run": 100 * table[name], "search run": 100 * top1,
+             "gap": 100 * abs(top1 - table[name])} for name, top1, _ in pairs if name in table]
+    return _md(pd.DataFrame(rows))
+
+
 def section(res: Path, parts: list[str], losses: list[str]) -> None:
     summary = res / "profile_catalogue_summary.json"
     if summary.exists():
@@ -435,6 +455,11 @@ def section(res: Path, parts: list[str], losses: list[str]) -> None:
             points = points.assign(top1=points["top1"] * 100, bitops=points["bitops"] / 1e6).rename(
                 columns={"top1": "top-1 %", "bitops": "M BitOps"})
             parts += ["Every point, the uniform baselines and the trials, by cost:", "", _md(points), ""]
+        decisive = RESULTS / f"{folder.parent.name}-decisive" / "learned_vs_uniform-runs-mobilenet-cpu-2ep"
+        if folder.parent.name == "mobilenet-v2" and decisive.is_dir():
+            parts += ["The same configurations as the decisive table's seed-0 runs (`mobilenet-v2-decisive`), "
+                      "at one thread a worker instead of two: top-1 in % and the gap in points.", "",
+                      rerun_gaps(folder, decisive), ""]
         if s["ratio"] is not None and s["ratio"] < 1:
             losses.append(f"search {p.stem}: front hypervolume below the uniform baselines' (ratio {s['ratio']:.4f})")
     for p in sorted(res.glob("learned_vs_uniform*.json")):
